@@ -1,0 +1,54 @@
+# What the Python bridge (pyfront/mfres/backends/julia_backend.py) calls. Names
+# carry no `!` (Python cannot spell it) and the activation comes as a string.
+
+"""
+    host_array(x) -> Array
+
+A Julia `Array` copy of `x` (a NumPy array seen from Julia, or a GPU array).
+"""
+host_array(x) = Array(x)
+
+"""
+    to_device(x, device::AbstractString) -> array
+
+`x` itself for `"cpu"`; a `CuArray` for `"cuda"` once the CUDA glue is loaded.
+"""
+to_device(x, device::AbstractString) = device == "cpu" ? x : to_device(x, Val(Symbol(device)))
+to_device(x, ::Val{D}) where {D} = throw(ArgumentError("device $D is not loaded; call MFRes.use_cuda!() after `using CUDA`"))
+
+const WORKSPACE_CACHE = Ref{Any}(nothing)
+
+function cached_workspace(U, X)
+    ws = WORKSPACE_CACHE[]
+    if !(ws isa Workspace && fits(ws, U, X))
+        ws = Workspace(U, X)
+        WORKSPACE_CACHE[] = ws
+    end
+    return ws
+end
+
+"""
+    advance_chunk(U, W, b, X, y, a, Δs, nsteps, activation, eta, weight_decay) -> (losses, norms)
+
+`gd!` on a cached workspace, with the RMS particle velocities, stopping at the first
+non-finite E (the vectors are then shorter than `nsteps + 1`). Mutates U, W, b.
+"""
+function advance_chunk(U, W, b, X, y, a, Δs::Real, nsteps::Integer, activation::AbstractString,
+                       eta::Real, weight_decay::Real)
+    ws = cached_workspace(U, X)
+    losses = Vector{Float64}(undef, nsteps + 1)
+    norms = Vector{Float64}(undef, nsteps + 1)
+    k = gd!(ws, U, W, b, X, y, a, Δs, nsteps, MFRes.activation(Symbol(activation); eta = eta);
+            weight_decay = weight_decay, losses = losses, norms = norms, stop_nonfinite = true)
+    return losses[1:k], norms[1:k]
+end
+
+"""
+    gradient(U, W, b, X, y, a, activation, eta, weight_decay) -> (E, gU, gW, gb)
+"""
+function gradient(U, W, b, X, y, a, activation::AbstractString, eta::Real, weight_decay::Real)
+    ws = cached_workspace(U, X)
+    E = loss_and_grad!(ws, U, W, b, X, y, a, MFRes.activation(Symbol(activation); eta = eta);
+                       weight_decay = weight_decay)
+    return E, copy(ws.gU), copy(ws.gW), copy(ws.gb)
+end

@@ -1,0 +1,40 @@
+"""
+    Workspace(U, X; threaded=true)
+
+Buffers for one problem size and element type, allocated once and reused by
+`loss_and_grad!` and `gd!`: states `Z (d, N, L+1)`, `S = σ(q)` and `D = σ′(q)`
+`(M, N, L)`, one layer's scratch, the residual `r (N,)` and the gradient
+`gU, gW (d, M, L)`, `gb (M, L)`. Array types follow `U` (a `CuArray` gives GPU
+buffers). `threaded=false` (the default for non-`Array` types) selects the generic,
+broadcast-only path.
+"""
+struct Workspace{T<:AbstractFloat,A3<:AbstractArray{T,3},A2<:AbstractArray{T,2},A1<:AbstractArray{T,1}}
+    Z::A3
+    S::A3
+    D::A3
+    Q::A2
+    Tm::A2
+    P::A2
+    Pn::A2
+    r::A1
+    gU::A3
+    gW::A3
+    gb::A2
+    threaded::Bool
+end
+
+function Workspace(U::AbstractArray{T,3}, X::AbstractMatrix{T}; threaded::Bool = U isa Array) where {T<:AbstractFloat}
+    d, M, L = size(U)
+    N = size(X, 2)
+    size(X, 1) == d || throw(DimensionMismatch("X has $(size(X, 1)) rows, U has d = $d"))
+    Z = similar(U, d, N, L + 1)
+    S = similar(U, M, N, L)
+    D = similar(U, M, N, L)
+    gb = similar(U, M, L)
+    return Workspace(Z, S, D, similar(U, M, N), similar(U, M, N), similar(U, d, N), similar(U, d, N),
+                     similar(U, N), similar(U), similar(U), gb, threaded)
+end
+
+fits(ws::Workspace{T}, U::AbstractArray{T,3}, X::AbstractMatrix{T}) where {T} =
+    size(ws.gU) == size(U) && size(ws.Z, 2) == size(X, 2) && typeof(ws.gU) == typeof(U)
+fits(::Workspace, U, X) = false

@@ -1,0 +1,161 @@
+"""The ``mfres`` command line: a thin Click layer over the Python API."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import MfresError
+
+SIMULATE_EPILOG = """\b
+Examples:
+  mfres simulate                                  # L=16, M=64 on 'sphere', 2000 steps
+  mfres simulate -L 32 -M 256 --steps 5000 --out deep.nc
+  mfres simulate --data mydata.npz --activation srelu:0.1 --init smooth
+"""
+
+
+def _fail(e: BaseException, code: int) -> None:
+    click.echo(f"Error: {e}", err=True)
+    sys.exit(code)
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-facing errors into one-line messages and exit codes (no traceback)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MfresError as e:
+            _fail(e, e.exit_code)
+        except MemoryError:
+            _fail(MemoryError("out of memory: the net or the data set is too large for this machine"), 5)
+        except KeyboardInterrupt:
+            _fail(KeyboardInterrupt("interrupted before the run started"), 130)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mfres")
+def main() -> None:
+    """mfres: watch a deep ResNet train in the mean-field regime.
+
+    Simulates the finite ResNet of Ding, Chen, Li and Wright (JMLR 2022),
+    z_{l+1} = z_l + (1/(L M)) Σ_m U_{l,m} σ(W_{l,m}·z_l + b_{l,m}), trained by
+    gradient descent in mean-field pseudo-time s (θ ← θ − Δs·L·M·∇E), and stores
+    the loss and the weight distributions as netCDF files for xarray.
+    """
+
+
+def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of one run, shared by ``simulate`` and ``sweep``."""
+    options = [
+        click.option("--dim", "-d", type=int, default=None, help="Input dimension d [default: 4, or the data file's]."),
+        click.option("--samples", "-N", type=int, default=None,
+                     help="Number of samples N [default: 64, or the file's]."),
+        click.option("--data", default="sphere", show_default=True,
+                     help="Built-in data set (sphere, teacher) or a .npz/.nc/.csv file."),
+        click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the built-in data set."),
+        click.option("--activation", default="tanh", show_default=True,
+                     help="tanh, sigmoid, softplus, gelu, srelu[:ETA], relu2."),
+        click.option("--init", type=click.Choice(["iid", "tied", "smooth"]), default="iid", show_default=True,
+                     help="How particles are correlated across depth."),
+        click.option("--init-scale", type=float, default=1.0, show_default=True,
+                     help="Standard deviation of U, W, b at s = 0."),
+        click.option("--length-scale", type=float, default=0.2, show_default=True,
+                     help="Depth correlation length of --init smooth."),
+        click.option("--steps", type=int, default=2000, show_default=True, help="Number of GD steps."),
+        click.option("--ds", type=float, default=1.0, show_default=True,
+                     help="Pseudo-time step Δs (learning rate L·M·Δs)."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Weight decay λ ≥ 0."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial particles."),
+        click.option("--snapshot-every", type=int, default=None,
+                     help="Steps between snapshots of the particles [default: steps/20]."),
+        click.option("--backend", type=click.Choice(["auto", "numpy", "julia"]), default="auto", show_default=True,
+                     help="auto = Julia where it is usable without downloads, else NumPy."),
+        click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True),
+        click.option("--threads", type=int, default=None, help="Julia threads [default: all cores]."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="cuda: run the Julia kernels on a GPU (CUDA.jl)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+@main.command(epilog=SIMULATE_EPILOG)
+@click.option("--depth", "-L", type=int, default=16, show_default=True, help="Depth L (number of residual layers).")
+@click.option("--width", "-M", type=int, default=64, show_default=True, help="Width M (particles per layer).")
+@simulate_options
+@click.option("--out", "-o", default="run.nc", show_default=True, type=click.Path(dir_okay=False),
+              help="The run file (netCDF4) to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@_guarded
+def simulate(quiet: bool, out: str, overwrite: bool, **options: Any) -> None:
+    """Train one net by gradient descent and write its trajectory to a netCDF file."""
+    from .backends import select
+    from .config import RunConfig
+    from .train import run
+
+    config = RunConfig(**options)
+    backend = select(config.backend, config.threads, config.device)
+    command = " ".join(shlex.quote(a) for a in ["mfres", *sys.argv[1:]])
+    if quiet:
+        result = run(config, out, backend=backend, command=command, overwrite=overwrite)
+    else:
+        click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
+                   f"activation={config.activation} init={config.init} Δs={config.ds:g} "
+                   f"backend={backend.name} dtype={config.dtype}", err=True)
+        with _ProgressBar(config.steps) as progress:
+            result = run(config, out, backend=backend, command=command, overwrite=overwrite, progress=progress)
+    if not quiet:
+        click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, final loss {result.loss:.6g}; "
+                   f"wrote {out}", err=True)
+
+
+class _ProgressBar:
+    """A Click progress bar showing steps/s and the current loss."""
+
+    def __init__(self, steps: int) -> None:
+        self.bar = click.progressbar(length=max(steps, 1), label="training", file=sys.stderr,
+                                     item_show_func=lambda s: s, show_eta=True, width=24)
+        self.done = 0
+
+    def __enter__(self) -> _ProgressBar:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, step: int, steps: int, loss: float, rate: float) -> None:
+        self.bar.update(step - self.done, f"E={loss:.3e} {rate:,.0f} steps/s")
+        self.done = step
+
+
+@main.command()
+@click.argument("run_file", required=False, type=click.Path(dir_okay=False))
+@_guarded
+def info(run_file: str | None) -> None:
+    """Report the backends available here, or summarise RUN_FILE."""
+    if run_file:
+        from .report import summarise_run
+
+        click.echo(summarise_run(run_file))
+    else:
+        from .report import backend_report
+
+        click.echo(backend_report())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
