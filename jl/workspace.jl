@@ -35,6 +35,5 @@ function Workspace(U::AbstractArray{T,3}, X::AbstractMatrix{T}; threaded::Bool =
                      similar(U, N), similar(U), similar(U), gb, threaded)
 end
 
-fits(ws::Workspace{T}, U::AbstractArray{T,3}, X::AbstractMatrix{T}) where {T} =
-    size(ws.gU) == size(U) && size(ws.Z, 2) == size(X, 2) && typeof(ws.gU) == typeof(U)
-fits(::Workspace, U, X) = false
+fits(ws::Workspace, U, X) =
+    typeof(ws.gU) == typeof(U) && size(ws.gU) == size(U) && size(ws.Z, 2) == size(X, 2)

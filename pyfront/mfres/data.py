@@ -105,13 +105,19 @@ def _read_csv(path: str) -> dict[str, np.ndarray]:
     want = [f"x{j}" for j in range(d)]
     if d == 0 or any(h not in header for h in want) or len(header) != d + 1:
         raise DataError(f"{path}: CSV header must be x0..x{{d-1}} and y, got {','.join(header)}")
-    body = [r for r in rows[1:] if any(c.strip() for c in r)]
-    try:
-        table = np.array([[float(c) for c in r] for r in body], dtype=np.float64)
-    except ValueError as e:
-        raise DataError(f"{path}: non-numeric CSV entry ({e})") from None
-    if table.ndim != 2 or table.shape[1] != len(header):
-        raise DataError(f"{path}: every CSV row must have {len(header)} numbers")
+    table = np.empty((0, len(header)))
+    values = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {line}: every CSV row must have {len(header)} numbers, got {len(row)}")
+        try:
+            values.append([float(c) for c in row])
+        except ValueError as e:
+            raise DataError(f"{path}: line {line}: non-numeric CSV entry ({e})") from None
+    if values:
+        table = np.array(values, dtype=np.float64)
     cols = {h: i for i, h in enumerate(header)}
     return {"x": table[:, [cols[h] for h in want]], "y": table[:, cols["y"]]}
 

@@ -1,0 +1,232 @@
+# Test suite of the Julia kernels: julia --project=. jl/test/runtests.jl
+#
+# With MFRES_CONFORMANCE_DIR set, also checks the cases that pytest wrote there
+# (inputs and the NumPy backend's results) against these kernels.
+
+using LinearAlgebra
+using Random
+using Test
+
+include(joinpath(@__DIR__, "..", "MFRes.jl"))
+using .MFRes
+
+const ACTS = (:tanh, :sigmoid, :softplus, :gelu, :srelu, :relu2)
+
+# A plain, loop-by-loop transcription of MODEL.md (one sample, one particle at a
+# time), independent of the matrix kernels.
+function plain_loss_and_grad(U, W, b, X, y, a, σ; weight_decay = 0.0)
+    d, M, L = size(U)
+    N = size(X, 2)
+    h = 1 / L
+    gU, gW, gb = zero(U), zero(W), zero(b)
+    E = 0.0
+    for i in 1:N
+        zs = [X[:, i]]
+        for l in 1:L
+            z = zs[end]
+            dz = zeros(d)
+            for m in 1:M
+                s, _ = MFRes.value_and_derivative(σ, dot(W[:, m, l], z) + b[m, l])
+                dz .+= U[:, m, l] .* s
+            end
+            push!(zs, z .+ (h / M) .* dz)
+        end
+        r = dot(a, zs[end]) - y[i]
+        E += 0.5 * r^2 / N
+        p = r .* a
+        for l in L:-1:1
+            z = zs[l]
+            pn = copy(p)
+            for m in 1:M
+                s, ds = MFRes.value_and_derivative(σ, dot(W[:, m, l], z) + b[m, l])
+                up = dot(U[:, m, l], p)
+                gU[:, m, l] .+= (h / M / N) .* s .* p
+                gW[:, m, l] .+= (h / M / N) .* ds .* up .* z
+                gb[m, l] += (h / M / N) * ds * up
+                pn .+= (h / M) .* W[:, m, l] .* (ds * up)
+            end
+            p = pn
+        end
+    end
+    λ = weight_decay
+    E += 0.5 * λ * (sum(abs2, U) + sum(abs2, W) + sum(abs2, b)) / (L * M)
+    gU .+= λ / (L * M) .* U
+    gW .+= λ / (L * M) .* W
+    gb .+= λ / (L * M) .* b
+    return E, gU, gW, gb
+end
+
+function random_problem(rng, d, M, L, N; T = Float64)
+    U = T.(randn(rng, d, M, L))
+    W = T.(randn(rng, d, M, L))
+    b = T.(randn(rng, M, L))
+    X = T.(randn(rng, d, N))
+    y = T.(sin.(2 .* vec(sum(X; dims = 1))))
+    a = T.(fill(1 / sqrt(d), d))
+    return U, W, b, X, y, a
+end
+
+relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
+
+@testset "MFRes kernels" begin
+    @testset "gradient = central finite differences ($act)" for act in ACTS
+        rng = MersenneTwister(1)
+        U, W, b, X, y, a = random_problem(rng, 3, 4, 3, 5)
+        for λ in (0.0, 0.3)
+            E, gU, gW, gb = MFRes.loss_and_grad(U, W, b, X, y, a; activation = act, eta = 0.7, weight_decay = λ)
+            @test E ≈ MFRes.loss(U, W, b, X, y, a; activation = act, eta = 0.7, weight_decay = λ) rtol = 1e-14
+            h = 1e-6
+            for (θ, g) in ((U, gU), (W, gW), (b, gb))
+                fd = similar(g)
+                for j in eachindex(θ)
+                    old = θ[j]
+                    θ[j] = old + h
+                    Ep = MFRes.loss(U, W, b, X, y, a; activation = act, eta = 0.7, weight_decay = λ)
+                    θ[j] = old - h
+                    Em = MFRes.loss(U, W, b, X, y, a; activation = act, eta = 0.7, weight_decay = λ)
+                    θ[j] = old
+                    fd[j] = (Ep - Em) / (2h)
+                end
+                @test maximum(abs.(fd .- g)) < 1e-5 * maximum(abs.(g)) + 2e-9
+            end
+        end
+    end
+
+    @testset "gradient = plain loop transcription of MODEL.md ($act)" for act in ACTS
+        rng = MersenneTwister(2)
+        U, W, b, X, y, a = random_problem(rng, 2, 5, 4, 6)
+        σ = MFRes.activation(act; eta = 0.7)
+        E, gU, gW, gb = MFRes.loss_and_grad(U, W, b, X, y, a; activation = act, eta = 0.7, weight_decay = 0.1)
+        Er, gUr, gWr, gbr = plain_loss_and_grad(U, W, b, X, y, a, σ; weight_decay = 0.1)
+        @test E ≈ Er rtol = 1e-13
+        @test relerr(gU, gUr) < 1e-12
+        @test relerr(gW, gWr) < 1e-12
+        @test relerr(gb, gbr) < 1e-12
+    end
+
+    @testset "gd! = plain GD on the plain gradient" begin
+        rng = MersenneTwister(3)
+        U, W, b, X, y, a = random_problem(rng, 3, 6, 5, 8)
+        L, M, Δs, n = 5, 6, 0.4, 12
+        Ur, Wr, br = copy(U), copy(W), copy(b)
+        losses = MFRes.gd!(U, W, b, X, y, a, Δs, n; activation = :gelu, weight_decay = 0.05)
+        @test length(losses) == n + 1
+        σ = MFRes.activation(:gelu)
+        ref = Float64[]
+        for k in 0:n
+            E, gU, gW, gb = plain_loss_and_grad(Ur, Wr, br, X, y, a, σ; weight_decay = 0.05)
+            push!(ref, E)
+            k == n && break
+            Ur .-= Δs * L * M .* gU
+            Wr .-= Δs * L * M .* gW
+            br .-= Δs * L * M .* gb
+        end
+        @test maximum(abs.(losses .- ref) ./ ref) < 1e-11
+        @test relerr(U, Ur) < 1e-11 && relerr(W, Wr) < 1e-11 && relerr(b, br) < 1e-11
+    end
+
+    @testset "energy decreases for small Δs" begin
+        rng = MersenneTwister(4)
+        U, W, b, X, y, a = random_problem(rng, 3, 16, 8, 16)
+        losses = MFRes.gd!(U, W, b, X, y, a, 0.05, 100)
+        @test all(diff(losses) .<= 1e-15)
+        @test losses[end] < 0.7 * losses[1]
+    end
+
+    @testset "generic (broadcast) path = threaded path" begin
+        rng = MersenneTwister(5)
+        for act in ACTS
+            U, W, b, X, y, a = random_problem(rng, 4, 32, 6, 40)
+            σ = MFRes.activation(act; eta = 0.7)
+            w1 = MFRes.Workspace(U, X; threaded = true)
+            w2 = MFRes.Workspace(U, X; threaded = false)
+            E1 = MFRes.loss_and_grad!(w1, U, W, b, X, y, a, σ; weight_decay = 0.1)
+            E2 = MFRes.loss_and_grad!(w2, U, W, b, X, y, a, σ; weight_decay = 0.1)
+            @test E1 ≈ E2 rtol = 1e-14
+            @test relerr(w1.gU, w2.gU) < 1e-13 && relerr(w1.gW, w2.gW) < 1e-13 && relerr(w1.gb, w2.gb) < 1e-13
+        end
+    end
+
+    @testset "Float32" begin
+        rng = MersenneTwister(6)
+        U, W, b, X, y, a = random_problem(rng, 4, 16, 8, 32)
+        U32, W32, b32, X32, y32, a32 = map(v -> Float32.(v), (U, W, b, X, y, a))
+        l64 = MFRes.gd!(U, W, b, X, y, a, 0.5, 50)
+        l32 = MFRes.gd!(U32, W32, b32, X32, y32, a32, 0.5, 50)
+        @test eltype(U32) == Float32
+        @test maximum(abs.(l32 .- l64) ./ l64) < 1e-4
+    end
+
+    @testset "a step allocates no arrays: a fixed number of bytes, whatever N, M and the step count" begin
+        function bytes_per_step(d, M, L, N)
+            U, W, b, X, y, a = random_problem(MersenneTwister(7), d, M, L, N)
+            ws = MFRes.Workspace(U, X)
+            σ = MFRes.activation(:tanh)
+            losses, norms = zeros(101), zeros(101)
+            run(n) = MFRes.gd!(ws, U, W, b, X, y, a, 0.01, n, σ; losses = losses, norms = norms)
+            run(2)
+            a10 = @allocated run(10)
+            a100 = @allocated run(100)
+            return (a100 - a10) / 90
+        end
+        small = bytes_per_step(4, 32, 8, 64)
+        large = bytes_per_step(4, 128, 8, 256)
+        println("allocated per GD step, L = 8: $small bytes (M=32, N=64), $large bytes (M=128, N=256); ",
+                "$(Threads.nthreads()) threads")
+        # What remains are small wrappers (array views on Julia 1.5, the tasks of
+        # Threads.@threads): a fixed amount per layer, never an array of size N or M.
+        if Threads.nthreads() == 1
+            @test small == large
+            @test small <= 512 * 8
+        else  # task objects: their count is fixed, their size varies a little with scheduling
+            @test abs(small - large) < 0.05 * small
+            @test small < 8192 * 8
+        end
+    end
+
+    @testset "results do not depend on the thread count" begin
+        rng = MersenneTwister(8)
+        U, W, b, X, y, a = random_problem(rng, 4, 48, 6, 64)
+        losses = MFRes.gd!(copy(U), copy(W), copy(b), X, y, a, 0.3, 20; activation = :softplus)
+        # the same computation in a one-thread Julia process
+        dir = mktempdir()
+        for (name, v) in (("U", U), ("W", W), ("b", b), ("X", X), ("y", y), ("a", a))
+            write(joinpath(dir, name * ".bin"), v)
+        end
+        script = """
+            include($(repr(joinpath(@__DIR__, "..", "MFRes.jl"))))
+            rd(n, dims...) = read!(joinpath($(repr(dir)), n * ".bin"), Array{Float64}(undef, dims...))
+            U = rd("U", $(join(size(U), ", "))); W = rd("W", $(join(size(W), ", "))); b = rd("b", $(join(size(b), ", ")))
+            X = rd("X", $(join(size(X), ", "))); y = rd("y", $(length(y))); a = rd("a", $(length(a)))
+            ls = MFRes.gd!(U, W, b, X, y, a, 0.3, 20; activation = :softplus)
+            write(joinpath($(repr(dir)), "losses.bin"), ls)
+            """
+        run(`$(Base.julia_cmd()) -t 1 --startup-file=no -e $script`)
+        one_thread = read!(joinpath(dir, "losses.bin"), zeros(21))
+        println("thread-count check: $(Threads.nthreads()) threads vs 1, max rel diff ",
+                maximum(abs.(losses .- one_thread) ./ one_thread))
+        @test maximum(abs.(losses .- one_thread) ./ one_thread) < 1e-13
+    end
+
+    @testset "bridge entry points" begin
+        rng = MersenneTwister(9)
+        U, W, b, X, y, a = random_problem(rng, 3, 8, 4, 10)
+        U2, W2, b2 = copy(U), copy(W), copy(b)
+        losses, norms = MFRes.advance_chunk(U, W, b, X, y, a, 0.5, 7, "srelu", 0.3, 0.01)
+        ref = MFRes.gd!(U2, W2, b2, X, y, a, 0.5, 7; activation = :srelu, eta = 0.3, weight_decay = 0.01)
+        @test losses == ref && length(norms) == 8 && all(norms .> 0)
+        @test U == U2
+        # divergence stops the chunk at the first non-finite E
+        losses, norms = MFRes.advance_chunk(U, W, b, X, y, a, 1e4, 500, "tanh", 0.5, 10.0)
+        @test !isfinite(losses[end]) && all(isfinite, losses[1:end-1]) && length(losses) < 501
+        @test MFRes.to_device(X, "cpu") === X
+        @test_throws ArgumentError MFRes.to_device(X, "cuda")
+        @test_throws ArgumentError MFRes.activation(:relu)
+    end
+
+    conformance = get(ENV, "MFRES_CONFORMANCE_DIR", "")
+    if !isempty(conformance)
+        include(joinpath(@__DIR__, "conformance.jl"))
+        check_conformance(conformance)
+    end
+end
