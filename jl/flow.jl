@@ -7,7 +7,7 @@ RMS over the L M particles of the velocity |dθ/ds| = L M |∇_θ E| (2d+1 compo
 for the gradient held in `ws`.
 """
 function velocity_rms(ws::Workspace)
-    d, M, L = size(ws.gU)
+    M, L = size(ws.gU, 2), size(ws.gU, 3)
     sq = Float64(sumsq(ws.gU)) + Float64(sumsq(ws.gW)) + Float64(sumsq(ws.gb))
     return L * M * sqrt(sq / (L * M))
 end
@@ -25,7 +25,7 @@ function gd!(ws::Workspace{T}, U, W, b, X, y, a, Δs::Real, nsteps::Integer, σ:
              weight_decay::Real = 0.0, losses::AbstractVector{Float64},
              norms::Union{Nothing,AbstractVector{Float64}} = nothing,
              stop_nonfinite::Bool = false) where {T}
-    d, M, L = size(U)
+    M, L = size(U, 2), size(U, 3)
     length(losses) > nsteps || throw(DimensionMismatch("losses needs nsteps + 1 = $(nsteps + 1) entries"))
     step = T(Δs * L * M)
     for k in 0:nsteps

@@ -51,7 +51,7 @@ end
 Fill `ws.Z`, `ws.S`, `ws.D` for the net θ = (U, W, b) on inputs `X`.
 """
 function forward!(ws::Workspace{T}, U, W, b, X, σ::Activation) where {T}
-    d, M, L = size(U)
+    M, L = size(U, 2), size(U, 3)
     c = T(1 / (L * M))  # h/M
     Z = ws.Z
     copyto!(view(Z, :, :, 1), X)
@@ -72,7 +72,7 @@ sumsq(x) = sum(abs2, x)
 # (λ/2) (1/(L M)) Σ|θ|², in Float64.
 function decay_term(U, W, b, weight_decay::Real)
     weight_decay == 0 && return 0.0
-    d, M, L = size(U)
+    M, L = size(U, 2), size(U, 3)
     sq = Float64(sumsq(U)) + Float64(sumsq(W)) + Float64(sumsq(b))
     return 0.5 * weight_decay * sq / (L * M)
 end
@@ -85,7 +85,7 @@ discrete adjoint. Allocation-free on CPU arrays with one thread.
 """
 function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
                         weight_decay::Real = 0.0) where {T}
-    d, M, L = size(U)
+    M, L = size(U, 2), size(U, 3)
     N = size(X, 2)
     zL = forward!(ws, U, W, b, X, σ)
     r = ws.r

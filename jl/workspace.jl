@@ -1,5 +1,5 @@
 """
-    Workspace(U, X; threaded=true)
+    Workspace(U, X; threaded = U isa Array)
 
 Buffers for one problem size and element type, allocated once and reused by
 `loss_and_grad!` and `gd!`: states `Z (d, N, L+1)`, `S = σ(q)` and `D = σ′(q)`
