@@ -20,12 +20,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RunConfig", "__version__", "open_run", "simulate"]
 
 
-def simulate(out: str | None = None, *, overwrite: bool = False, progress: Any = None,
+def simulate(out: str | None = None, *, overwrite: bool = False, resume: bool = False, progress: Any = None,
              **options: Any) -> Any:
     """Train one net and return its run file as an ``xarray.Dataset`` (loaded in memory).
 
     ``options`` are ``RunConfig`` fields (``depth``, ``width``, ``steps``, ``ds``, ...).
     With ``out=None`` the file is written to a temporary folder and removed.
+    With ``resume``, an existing ``out`` is continued from its last saved state.
     Raises ``mfres.errors.RunStopped`` if the run diverges or is interrupted
     (the file at ``out`` then keeps everything computed).
     """
@@ -34,12 +35,13 @@ def simulate(out: str | None = None, *, overwrite: bool = False, progress: Any =
 
     from .config import RunConfig
     from .store import open_run as _open
-    from .train import run
+    from .train import resume_options, run
 
-    config = RunConfig(**options)
     if out is not None:
-        run(config, out, overwrite=overwrite, progress=progress, command="mfres.simulate")
+        config = RunConfig(**(resume_options(options, out) if resume else options))
+        run(config, out, overwrite=overwrite, resume=resume, progress=progress, command="mfres.simulate")
         return _open(out, load=True)
+    config = RunConfig(**options)
     with tempfile.TemporaryDirectory(prefix="mfres-") as tmp:
         path = os.path.join(tmp, "run.nc")
         run(config, path, progress=progress, command="mfres.simulate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import MfresError
+from .errors import ConfigError, MfresError
 
 SIMULATE_EPILOG = """\b
 Examples:
@@ -22,6 +23,14 @@ Examples:
 
 def _fail(e: BaseException, code: int) -> None:
     click.echo(f"Error: {e}", err=True)
+    from . import store
+
+    if store.abandoned():
+        # a write failed: exiting normally would let HDF5 flush half-written metadata
+        # over the file's last consistent state
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -79,6 +88,8 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial particles."),
         click.option("--snapshot-every", type=int, default=None,
                      help="Steps between snapshots of the particles [default: steps/20]."),
+        click.option("--snapshot-particles", type=int, default=None,
+                     help="Store K sampled particles per layer in snapshots [default: all M]."),
         click.option("--backend", type=click.Choice(["auto", "numpy", "julia"]), default="auto", show_default=True,
                      help="auto = Julia where it is usable without downloads, else NumPy."),
         click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True),
@@ -99,24 +110,30 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--out", "-o", default="run.nc", show_default=True, type=click.Path(dir_okay=False),
               help="The run file (netCDF4) to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--resume", is_flag=True,
+              help="Continue --out from its last saved state (same options, --steps may grow); "
+                   "starts afresh if --out does not exist.")
 @_guarded
-def simulate(quiet: bool, out: str, overwrite: bool, **options: Any) -> None:
+def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: Any) -> None:
     """Train one net by gradient descent and write its trajectory to a netCDF file."""
     from .backends import select
     from .config import RunConfig
-    from .train import run
+    from .train import resume_options, run
 
-    config = RunConfig(**options)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    config = RunConfig(**(resume_options(options, out) if resume else options))
     backend = select(config.backend, config.threads, config.device)
     command = " ".join(shlex.quote(a) for a in ["mfres", *sys.argv[1:]])
     if quiet:
-        result = run(config, out, backend=backend, command=command, overwrite=overwrite)
+        result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume)
     else:
         click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
                    f"activation={config.activation} init={config.init} Δs={config.ds:g} "
                    f"backend={backend.name} dtype={config.dtype}", err=True)
         with _ProgressBar(config.steps) as progress:
-            result = run(config, out, backend=backend, command=command, overwrite=overwrite, progress=progress)
+            result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume,
+                         progress=progress)
     if not quiet:
         click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, final loss {result.loss:.6g}; "
                    f"wrote {out}", err=True)

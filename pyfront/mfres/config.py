@@ -28,7 +28,9 @@ class RunConfig:
     ``ds`` is the pseudo-time step Δs (GD step ``θ ← θ − Δs L M ∇E``); after
     ``steps`` steps the run has reached s = steps·Δs. ``dim``/``samples`` of
     ``None`` mean the built-in defaults (4, 64), or the data file's own sizes.
-    ``snapshot_every`` of ``None`` means about 20 snapshots per run.
+    ``snapshot_every`` of ``None`` means about 20 snapshots per run;
+    ``snapshot_particles`` K stores K sampled particles per layer in each snapshot
+    (``None``: all M); the full state is always kept for ``--resume``.
     """
 
     depth: int = 16
@@ -46,6 +48,7 @@ class RunConfig:
     weight_decay: float = 0.0
     seed: int = 0
     snapshot_every: int | None = None
+    snapshot_particles: int | None = None
     backend: str = "auto"
     dtype: str = "float64"
     threads: int | None = None
@@ -58,6 +61,9 @@ class RunConfig:
         _positive_int(self, "samples", optional=True)
         _positive_int(self, "steps", zero_ok=True)
         _positive_int(self, "snapshot_every", optional=True)
+        _positive_int(self, "snapshot_particles", optional=True)
+        if self.snapshot_particles is not None and self.snapshot_particles > self.width:
+            raise ConfigError(f"--snapshot-particles {self.snapshot_particles} exceeds --width {self.width}")
         _positive_int(self, "threads", optional=True)
         _nonneg_int(self, "seed")
         _nonneg_int(self, "data_seed")
@@ -100,7 +106,7 @@ class RunConfig:
 
     # Options that change the numbers a run produces (not how fast or where).
     NUMERIC_FIELDS = ("depth", "width", "dim", "samples", "data", "data_seed", "activation", "init",
-                      "init_scale", "length_scale", "ds", "weight_decay", "seed", "dtype")
+                      "init_scale", "length_scale", "ds", "weight_decay", "seed", "dtype", "snapshot_particles")
 
 
 def _option(name: str) -> str:

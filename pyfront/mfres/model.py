@@ -86,6 +86,13 @@ class Workspace:
         return (self.L, self.M, self.d, self.N, self.dtype) == (*theta.shape, x.shape[0], theta.U.dtype)
 
 
+def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype) -> int:
+    """Bytes of a ``Workspace`` plus θ, its gradient and a copy of θ (what a run holds)."""
+    per_layer_state = 2 * N * M + N * d  # S, D and z_l
+    particles = 4 * L * M * (2 * d + 1)  # θ, ∇E, the chunk-start copy, the snapshot cast
+    return int(np.dtype(dtype).itemsize * (L * per_layer_state + N * d + 2 * N * M + 2 * N * d + N + particles))
+
+
 def forward(theta: Particles, x: np.ndarray, act: Activation, work: Workspace) -> np.ndarray:
     """Run the ResNet on ``x``; fill ``work.Z``, ``work.S``, ``work.D``; return z_L (a view)."""
     L, M, _ = theta.shape

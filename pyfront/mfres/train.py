@@ -9,11 +9,13 @@ E), on SIGINT/SIGTERM (after the current chunk) or on a storage error.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from . import data as data_mod
 from . import model
 from .backends import Backend, Problem, select
 from .config import RunConfig
-from .errors import RunStopped, StorageError
+from .errors import ConfigError, RunStopped, StorageError
 from .init import initial_particles
 from .model import Particles
 from .store import RunWriter
@@ -69,9 +71,31 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
             signal.signal(s, h)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(config: RunConfig, N: int, d: int) -> None:
+    """Refuse, with the figures, a run whose buffers would not fit in memory."""
+    need = model.workspace_bytes(config.depth, config.width, d, N, np.dtype(config.dtype))
+    avail = available_memory()
+    if avail is not None and need > 0.9 * avail:
+        raise ConfigError(f"L={config.depth}, M={config.width}, N={N}, d={d} needs about {need / 2**30:.1f} GiB "
+                          f"of buffers; {avail / 2**30:.1f} GiB is available")
+
+
 def prepare(config: RunConfig) -> tuple[data_mod.TrainingData, Particles, Problem]:
     """The data set, the initial particles and the backend's problem for ``config``."""
     data = data_mod.load(config.data, config.samples, config.dim, config.data_seed)
+    check_memory(config, data.N, data.d)
     dtype = np.dtype(config.dtype)
     theta = initial_particles(config.init, config.depth, config.width, data.d, config.seed,
                               config.init_scale, config.length_scale, dtype)
@@ -79,21 +103,47 @@ def prepare(config: RunConfig) -> tuple[data_mod.TrainingData, Particles, Proble
     return data, theta, problem
 
 
+def resume_options(options: dict[str, Any], out: str) -> dict[str, Any]:
+    """Options for continuing ``out``: an unset ``snapshot_every`` is taken from the file."""
+    if options.get("snapshot_every") is None and os.path.isfile(out):
+        try:
+            import netCDF4
+
+            with netCDF4.Dataset(out) as nc:
+                if "snapshot_every" in nc.ncattrs():
+                    return {**options, "snapshot_every": int(nc.getncattr("snapshot_every"))}
+        except (OSError, ValueError):
+            pass  # RunWriter.resume reports an unreadable file
+    return options
+
+
 def run(config: RunConfig, out: str, *, backend: Backend | None = None, command: str = "",
-        overwrite: bool = False, progress: ProgressFn | None = None) -> RunResult:
+        overwrite: bool = False, resume: bool = False, progress: ProgressFn | None = None) -> RunResult:
     """Run ``config`` and write the run file ``out``.
 
-    Raises ``RunStopped`` (after closing a consistent file) when the run diverges or
-    is interrupted, and ``StorageError`` when the file cannot be written.
+    With ``resume``, an existing ``out`` is continued from its last saved state
+    (its options must equal ``config``'s, but for a larger ``steps``); without one,
+    the run starts afresh. Raises ``RunStopped`` (after closing a consistent file)
+    when the run diverges or is interrupted, and ``StorageError`` when the file
+    cannot be written.
     """
     data, theta, problem = prepare(config)
     if backend is None:
         backend = select(config.backend, config.threads, config.device)
-    writer = RunWriter(out, config, data, backend.name, command=command, overwrite=overwrite)
+    start = 0
+    if resume and os.path.exists(out):
+        writer, start, theta = RunWriter.resume(out, config, data, backend.name, command=command)
+    else:
+        writer = RunWriter(out, config, data, backend.name, command=command, overwrite=overwrite)
     try:
-        return _loop(config, theta, problem, backend, writer, progress)
+        return _loop(config, theta, problem, backend, writer, progress, start, command)
+    except StorageError as e:
+        if writer.ds is not None:  # the file is still consistent: record why it stopped
+            with contextlib.suppress(StorageError):
+                writer.set_status("failed", str(e))
+        raise
     finally:
-        writer.close()
+        writer.close(quiet=True)
 
 
 def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem) -> None:
@@ -103,11 +153,12 @@ def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem) 
 
 
 def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backend, writer: RunWriter,
-          progress: ProgressFn | None) -> RunResult:
+          progress: ProgressFn | None, start: int = 0, command: str = "") -> RunResult:
     steps, every = config.steps, config.snapshot_every
     assert every is not None
-    _snapshot(writer, 0, theta, problem)
-    step, chunk, last_loss = 0, 1, float("nan")
+    if start == 0:
+        _snapshot(writer, 0, theta, problem)
+    step, chunk, last_loss = start, 1, float("nan")
     rate = 0.0
     with _stop_on_signals() as stop:
         while True:
@@ -129,7 +180,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
             if step == steps or step % every == 0:
                 _snapshot(writer, step, theta, problem)
             else:
-                writer.sync()
+                writer.checkpoint(step, theta)
             if step == steps:
                 writer.set_status("finished")
                 return RunResult(writer.path, "finished", step, last_loss, backend.name)
@@ -137,7 +188,12 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
                 name = signal.Signals(stop.signal).name
                 if step % every:
                     _snapshot(writer, step, theta, problem)
-                msg = f"interrupted by {name} at step {step} of {steps}; the file holds every step up to it"
+                if not command.startswith("mfres "):
+                    again = "run again with resume=True"
+                else:
+                    again = command if "--resume" in command.split() else f"{command} --resume"
+                msg = (f"interrupted by {name} at step {step} of {steps}; {writer.path} holds every step up to it; "
+                       f"to continue: {again}")
                 writer.set_status("interrupted", msg)
                 raise RunStopped(msg)
 
