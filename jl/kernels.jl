@@ -1,46 +1,46 @@
 # Forward pass, loss and discrete adjoint on a Workspace (MODEL.md, "Gradient").
-# Matrix products go to mul! (BLAS, or CUBLAS for GPU arrays); the element-wise
-# work is either a threaded loop over samples (CPU arrays) or broadcasting (any
-# array type: the generic path). Each sum over samples is done by one task, in a
-# fixed order, so results do not depend on the number of threads.
+#
+# Two paths compute the same numbers:
+# - threaded (CPU `Array`s): each layer is split into blocks of samples (forward,
+#   adjoint) or of particles (parameter gradients), one task per block, each block
+#   doing its own matrix products (single-threaded BLAS) and its element-wise work
+#   while the data is in cache. A sum over samples is never split across tasks, so
+#   the results do not depend on the number of threads.
+# - generic (any array type, e.g. CuArray): whole-layer `mul!` and broadcasting.
 
-# σ and σ′ of (Q + b) for one layer, into S and D (all M × N).
-function activate!(S, D, Q, b, σ::Activation, threaded::Bool)
-    if threaded && Threads.nthreads() > 1
-        Threads.@threads for i in axes(Q, 2)
-            activate_column!(S, D, Q, b, σ, i)
-        end
-    elseif threaded
-        for i in axes(Q, 2)
-            activate_column!(S, D, Q, b, σ, i)
-        end
+"""
+    blocks(n, k) -> Vector{UnitRange{Int}}
+
+`1:n` cut into `k` contiguous, nearly equal ranges (fewer if `n < k`).
+"""
+function blocks(n::Integer, k::Integer)
+    k = max(1, min(k, n))
+    edges = [div((j - 1) * n, k) for j in 1:k+1]
+    return [edges[j]+1:edges[j+1] for j in 1:k]
+end
+
+# Run f(range) for each block of 1:n, in parallel when there are several threads.
+function foreach_block(f, n::Integer)
+    nt = Threads.nthreads()
+    if nt == 1
+        f(1:n)
     else
-        Q .+= b
-        S .= Value(σ).(Q)
-        D .= Derivative(σ).(Q)
+        parts = blocks(n, nt)
+        Threads.@threads for j in eachindex(parts)
+            f(parts[j])
+        end
     end
     return nothing
 end
 
-@inline function activate_column!(S, D, Q, b, σ, i)
-    @inbounds @simd for m in axes(Q, 1)
-        s, ds = value_and_derivative(σ, Q[m, i] + b[m])
-        S[m, i] = s
-        D[m, i] = ds
-    end
-    return nothing
-end
-
-# T .*= D, the element-wise step of the adjoint.
-function scale_by!(T, D, threaded::Bool)
-    if threaded && Threads.nthreads() > 1
-        Threads.@threads for i in axes(T, 2)
-            @inbounds @simd for m in axes(T, 1)
-                T[m, i] *= D[m, i]
-            end
+# S, D = σ(Q + b), σ′(Q + b) on the columns `cols`.
+function activate_block!(S, D, Q, b, σ::Activation, cols)
+    @inbounds for i in cols
+        @simd for m in axes(Q, 1)
+            s, ds = value_and_derivative(σ, Q[m, i] + b[m])
+            S[m, i] = s
+            D[m, i] = ds
         end
-    else
-        T .*= D
     end
     return nothing
 end
@@ -56,15 +56,35 @@ function forward!(ws::Workspace{T}, U, W, b, X, σ::Activation) where {T}
     Z = ws.Z
     copyto!(view(Z, :, :, 1), X)
     for l in 1:L
-        Zl = view(Z, :, :, l)
-        Sl = view(ws.S, :, :, l)
-        mul!(ws.Q, transpose(view(W, :, :, l)), Zl)
-        activate!(Sl, view(ws.D, :, :, l), ws.Q, view(b, :, l), σ, ws.threaded)
-        Zn = view(Z, :, :, l + 1)
-        copyto!(Zn, Zl)
-        mul!(Zn, view(U, :, :, l), Sl, c, one(T))
+        if ws.threaded
+            foreach_block(size(X, 2)) do cols
+                forward_block!(ws, U, W, b, σ, c, l, cols)
+            end
+        else
+            Zl = view(Z, :, :, l)
+            Sl = view(ws.S, :, :, l)
+            Dl = view(ws.D, :, :, l)
+            mul!(ws.Q, transpose(view(W, :, :, l)), Zl)
+            ws.Q .+= view(b, :, l)
+            Sl .= Value(σ).(ws.Q)
+            Dl .= Derivative(σ).(ws.Q)
+            Zn = view(Z, :, :, l + 1)
+            copyto!(Zn, Zl)
+            mul!(Zn, view(U, :, :, l), Sl, c, one(T))
+        end
     end
     return view(Z, :, :, L + 1)
+end
+
+function forward_block!(ws::Workspace{T}, U, W, b, σ, c, l, cols) where {T}
+    Zl = view(ws.Z, :, cols, l)
+    Q = view(ws.Q, :, cols)
+    mul!(Q, transpose(view(W, :, :, l)), Zl)
+    activate_block!(view(ws.S, :, :, l), view(ws.D, :, :, l), ws.Q, view(b, :, l), σ, cols)
+    Zn = view(ws.Z, :, cols, l + 1)
+    copyto!(Zn, Zl)
+    mul!(Zn, view(U, :, :, l), view(ws.S, :, cols, l), c, one(T))
+    return nothing
 end
 
 sumsq(x) = sum(abs2, x)
@@ -81,7 +101,7 @@ end
     loss_and_grad!(ws, U, W, b, X, y, a, σ; weight_decay=0.0) -> E
 
 E(θ) (a `Float64`) and, into `ws.gU`, `ws.gW`, `ws.gb`, its gradient by the
-discrete adjoint. Allocation-free on CPU arrays with one thread.
+discrete adjoint.
 """
 function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
                         weight_decay::Real = 0.0) where {T}
@@ -95,20 +115,33 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
 
     c = T(1 / (L * M))
     cg = T(1 / (L * M) / N)
-    P, Pn, Tm = ws.P, ws.Pn, ws.Tm
-    mul!(P, a, transpose(r))  # p_L = r a, one column per sample
+    mul!(ws.P, a, transpose(r))  # p_L = r a, one column per sample
     for l in L:-1:1
-        Ul = view(U, :, :, l)
-        Wl = view(W, :, :, l)
-        mul!(Tm, transpose(Ul), P)            # U·p_{l+1}
-        scale_by!(Tm, view(ws.D, :, :, l), ws.threaded)
-        mul!(view(ws.gU, :, :, l), P, transpose(view(ws.S, :, :, l)), cg, zero(T))
-        mul!(view(ws.gW, :, :, l), view(ws.Z, :, :, l), transpose(Tm), cg, zero(T))
-        sum!(view(ws.gb, :, l:l), Tm)
-        mul!(Pn, Wl, Tm)
-        P .+= c .* Pn
+        if ws.threaded
+            # T = σ′(q) (U·p_{l+1}) and Pn = W T, by sample blocks; then the
+            # parameter gradients, by particle blocks (each sums over all samples)
+            foreach_block(N) do cols
+                adjoint_block!(ws, U, W, l, cols)
+            end
+            foreach_block(M) do rows
+                gradient_block!(ws, l, cg, rows)
+            end
+            foreach_block(N) do cols
+                P = view(ws.P, :, cols)
+                P .+= c .* view(ws.Pn, :, cols)
+            end
+        else
+            Tm = ws.Tm
+            mul!(Tm, transpose(view(U, :, :, l)), ws.P)
+            Tm .*= view(ws.D, :, :, l)
+            mul!(view(ws.gU, :, :, l), ws.P, transpose(view(ws.S, :, :, l)), cg, zero(T))
+            mul!(view(ws.gW, :, :, l), view(ws.Z, :, :, l), transpose(Tm), cg, zero(T))
+            sum!(view(ws.gb, :, l:l), Tm)
+            view(ws.gb, :, l) .*= cg
+            mul!(ws.Pn, view(W, :, :, l), Tm)
+            ws.P .+= c .* ws.Pn
+        end
     end
-    ws.gb .*= cg
     if weight_decay != 0
         wd = T(weight_decay / (L * M))
         ws.gU .+= wd .* U
@@ -116,6 +149,26 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
         ws.gb .+= wd .* b
     end
     return E
+end
+
+function adjoint_block!(ws::Workspace, U, W, l, cols)
+    Tm = view(ws.Tm, :, cols)
+    mul!(Tm, transpose(view(U, :, :, l)), view(ws.P, :, cols))
+    D = ws.D
+    @inbounds for i in cols
+        @simd for m in axes(D, 1)
+            ws.Tm[m, i] *= D[m, i, l]
+        end
+    end
+    mul!(view(ws.Pn, :, cols), view(W, :, :, l), Tm)
+    return nothing
+end
+
+function gradient_block!(ws::Workspace{T}, l, cg, rows) where {T}
+    mul!(view(ws.gU, :, rows, l), ws.P, transpose(view(ws.S, rows, :, l)), cg, zero(T))
+    mul!(view(ws.gW, :, rows, l), view(ws.Z, :, :, l), transpose(view(ws.Tm, rows, :)), cg, zero(T))
+    mul!(view(ws.gb, rows, l), view(ws.Tm, rows, :), ws.ones_N, cg, zero(T))  # Σ_i T[m, i]
+    return nothing
 end
 
 """

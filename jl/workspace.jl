@@ -6,7 +6,8 @@ Buffers for one problem size and element type, allocated once and reused by
 `(M, N, L)`, one layer's scratch, the residual `r (N,)` and the gradient
 `gU, gW (d, M, L)`, `gb (M, L)`. Array types follow `U` (a `CuArray` gives GPU
 buffers). `threaded=false` (the default for non-`Array` types) selects the generic,
-broadcast-only path.
+broadcast-only path. With more than one Julia thread, the threaded path sets BLAS to
+one thread, since it runs its own blocks in parallel.
 """
 struct Workspace{T<:AbstractFloat,A3<:AbstractArray{T,3},A2<:AbstractArray{T,2},A1<:AbstractArray{T,1}}
     Z::A3
@@ -20,6 +21,7 @@ struct Workspace{T<:AbstractFloat,A3<:AbstractArray{T,3},A2<:AbstractArray{T,2},
     gU::A3
     gW::A3
     gb::A2
+    ones_N::A1
     threaded::Bool
 end
 
@@ -31,8 +33,13 @@ function Workspace(U::AbstractArray{T,3}, X::AbstractMatrix{T}; threaded::Bool =
     S = similar(U, M, N, L)
     D = similar(U, M, N, L)
     gb = similar(U, M, L)
+    if threaded && Threads.nthreads() > 1
+        # the kernels run one task per block, each calling BLAS: a multithreaded BLAS
+        # would oversubscribe the cores (its threads spin between calls)
+        BLAS.set_num_threads(1)
+    end
     return Workspace(Z, S, D, similar(U, M, N), similar(U, M, N), similar(U, d, N), similar(U, d, N),
-                     similar(U, N), similar(U), similar(U), gb, threaded)
+                     similar(U, N), similar(U), similar(U), gb, fill!(similar(U, N), one(T)), threaded)
 end
 
 fits(ws::Workspace, U, X) =
