@@ -96,6 +96,10 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--threads", type=int, default=None, help="Julia threads [default: all cores]."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                      help="cuda: run the Julia kernels on a GPU (CUDA.jl)."),
+        click.option("--memory", type=click.Choice(["auto", "store", "recompute"]), default="auto",
+                     show_default=True,
+                     help="store: keep every layer's activations (fastest); recompute: O(L·N·d) memory; "
+                          "auto: store if they fit in a quarter of RAM (NumPy backend)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
     ]
     for opt in reversed(options):
@@ -123,7 +127,7 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     config = RunConfig(**(resume_options(options, out) if resume else options))
-    backend = select(config.backend, config.threads, config.device)
+    backend = select(config.backend, config.threads, config.device, config.memory)
     command = " ".join(shlex.quote(a) for a in ["mfres", *sys.argv[1:]])
     if quiet:
         result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume)

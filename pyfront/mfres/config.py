@@ -19,6 +19,7 @@ from .init import DEFAULT_LENGTH_SCALE, SCHEMES
 BACKENDS = ("auto", "numpy", "julia")
 DTYPES = ("float64", "float32")
 DEVICES = ("cpu", "cuda")
+MEMORY_MODES = ("auto", "store", "recompute")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class RunConfig:
     dtype: str = "float64"
     threads: int | None = None
     device: str = "cpu"
+    memory: str = "auto"
 
     def __post_init__(self) -> None:
         _positive_int(self, "depth")
@@ -82,6 +84,7 @@ class RunConfig:
         _choice(self, "backend", BACKENDS)
         _choice(self, "dtype", DTYPES)
         _choice(self, "device", DEVICES)
+        _choice(self, "memory", MEMORY_MODES)
         if self.device == "cuda" and self.backend == "numpy":
             raise ConfigError("--device cuda needs the Julia backend (--backend julia)")
         if not isinstance(self.data, str) or not self.data:

@@ -13,6 +13,7 @@ A gradient-descent step of pseudo-time Δs is ``θ ← θ − Δs L M ∇E`` (``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,11 @@ from .activations import Activation, value_and_derivative
 
 @dataclass
 class Particles:
-    """The trained parameters θ: ``U, W`` of shape (L, M, d) and ``b`` of shape (L, M)."""
+    """The trained parameters θ: ``U, W`` of shape (L, M, d) and ``b`` of shape (L, M).
+
+    A batch of B independent nets of the same size has a leading axis:
+    ``U, W`` (B, L, M, d), ``b`` (B, L, M).
+    """
 
     U: np.ndarray
     W: np.ndarray
@@ -30,7 +35,12 @@ class Particles:
     @property
     def shape(self) -> tuple[int, int, int]:
         """(L, M, d)."""
-        return self.U.shape  # type: ignore[return-value]
+        return self.U.shape[-3:]  # type: ignore[return-value]
+
+    @property
+    def batch(self) -> tuple[int, ...]:
+        """() for one net, (B,) for a batch."""
+        return self.U.shape[:-3]
 
     def copy(self) -> Particles:
         return Particles(self.U.copy(), self.W.copy(), self.b.copy())
@@ -38,18 +48,35 @@ class Particles:
     def astype(self, dtype: np.dtype | type) -> Particles:
         return Particles(*(np.ascontiguousarray(v, dtype=dtype) for v in (self.U, self.W, self.b)))
 
+    def batched(self) -> Particles:
+        """Views with a batch axis (B = 1 for a single net)."""
+        if self.batch:
+            return self
+        return Particles(self.U[None], self.W[None], self.b[None])
+
 
 def learning_rate(L: int, M: int, ds: float) -> float:
     """The plain learning rate on E equivalent to a pseudo-time step Δs: ``L M Δs``."""
     return L * M * ds
 
 
+def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: bool = False, B: int = 1) -> int:
+    """Bytes of a ``Workspace`` plus θ, its gradient and a copy of θ (what a run holds)."""
+    layers = 1 if recompute else L
+    work = 2 * layers * N * M + (L + 1) * N * d + 2 * N * M + 2 * N * d + N
+    particles = 4 * L * M * (2 * d + 1)  # θ, ∇E, the chunk-start copy, the snapshot cast
+    return int(np.dtype(dtype).itemsize * B * (work + particles))
+
+
 @dataclass
 class Workspace:
     """Buffers reused across gradient evaluations (all in the particles' dtype).
 
-    ``Z`` holds the states z_0..z_L (L+1, N, d); ``S`` and ``D`` hold σ(q) and σ'(q)
-    for every layer (L, N, M); the rest are one layer's scratch.
+    ``Z`` holds the states z_0..z_L (L+1, B, N, d); ``S`` and ``D`` hold σ(q) and σ'(q)
+    (L, B, N, M), or only one layer's (1, B, N, M) in ``recompute`` mode, where the
+    adjoint recomputes each layer's activations from z_l (memory O(L N d) instead of
+    O(L N M), one more product and activation per layer); the rest are one layer's
+    scratch. B is the batch size (1 for a single net).
     """
 
     L: int
@@ -57,6 +84,8 @@ class Workspace:
     d: int
     N: int
     dtype: np.dtype
+    B: int = 1
+    recompute: bool = False
     Z: np.ndarray = field(init=False)
     S: np.ndarray = field(init=False)
     D: np.ndarray = field(init=False)
@@ -67,124 +96,147 @@ class Workspace:
     r: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        L, M, d, N, dt = self.L, self.M, self.d, self.N, self.dtype
-        self.Z = np.empty((L + 1, N, d), dt)
-        self.S = np.empty((L, N, M), dt)
-        self.D = np.empty((L, N, M), dt)
-        self.P = np.empty((N, d), dt)
-        self.Pn = np.empty((N, d), dt)
-        self.Q = np.empty((N, M), dt)
-        self.T = np.empty((N, M), dt)
-        self.r = np.empty(N, dt)
+        L, M, d, N, B, dt = self.L, self.M, self.d, self.N, self.B, self.dtype
+        layers = 1 if self.recompute else L
+        self.Z = np.empty((L + 1, B, N, d), dt)
+        self.S = np.empty((layers, B, N, M), dt)
+        self.D = np.empty((layers, B, N, M), dt)
+        self.P = np.empty((B, N, d), dt)
+        self.Pn = np.empty((B, N, d), dt)
+        self.Q = np.empty((B, N, M), dt)
+        self.T = np.empty((B, N, M), dt)
+        self.r = np.empty((B, N), dt)
 
     @classmethod
-    def for_problem(cls, theta: Particles, x: np.ndarray) -> Workspace:
+    def for_problem(cls, theta: Particles, x: np.ndarray, recompute: bool = False) -> Workspace:
         L, M, d = theta.shape
-        return cls(L, M, d, x.shape[0], theta.U.dtype)
+        B = theta.batch[0] if theta.batch else 1
+        return cls(L, M, d, x.shape[0], theta.U.dtype, B, recompute)
 
     def fits(self, theta: Particles, x: np.ndarray) -> bool:
-        return (self.L, self.M, self.d, self.N, self.dtype) == (*theta.shape, x.shape[0], theta.U.dtype)
+        B = theta.batch[0] if theta.batch else 1
+        return (self.L, self.M, self.d, self.N, self.dtype, self.B) == (*theta.shape, x.shape[0], theta.U.dtype, B)
 
 
-def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype) -> int:
-    """Bytes of a ``Workspace`` plus θ, its gradient and a copy of θ (what a run holds)."""
-    per_layer_state = 2 * N * M + N * d  # S, D and z_l
-    particles = 4 * L * M * (2 * d + 1)  # θ, ∇E, the chunk-start copy, the snapshot cast
-    return int(np.dtype(dtype).itemsize * (L * per_layer_state + N * d + 2 * N * M + 2 * N * d + N + particles))
+def _layer(theta: Particles, work: Workspace, x: np.ndarray, act: Activation, l: int, k: int) -> None:
+    """σ and σ' of layer l's pre-activations, from z_l, into S[k], D[k]."""
+    Q = work.Q
+    np.matmul(work.Z[l], theta.W[:, l].transpose(0, 2, 1), out=Q)
+    Q += theta.b[:, l, None, :]
+    value_and_derivative(act, Q, work.S[k], work.D[k])
 
 
 def forward(theta: Particles, x: np.ndarray, act: Activation, work: Workspace) -> np.ndarray:
-    """Run the ResNet on ``x``; fill ``work.Z``, ``work.S``, ``work.D``; return z_L (a view)."""
+    """Run the ResNet on ``x``; fill ``work.Z`` (and ``S``, ``D``); return z_L (B, N, d), a view.
+
+    ``theta`` must carry a batch axis (``Particles.batched``).
+    """
     L, M, _ = theta.shape
     c = 1.0 / (L * M)  # h/M
-    Z, Q = work.Z, work.Q
+    Z = work.Z
     Z[0] = x
     for l in range(L):
-        np.matmul(Z[l], theta.W[l].T, out=Q)
-        Q += theta.b[l]
-        value_and_derivative(act, Q, work.S[l], work.D[l])
-        np.matmul(work.S[l], theta.U[l], out=Z[l + 1])
+        k = 0 if work.recompute else l
+        _layer(theta, work, x, act, l, k)
+        np.matmul(work.S[k], theta.U[:, l], out=Z[l + 1])
         Z[l + 1] *= c
         Z[l + 1] += Z[l]
     return Z[L]
 
 
 def predict(theta: Particles, x: np.ndarray, a: np.ndarray, act: Activation) -> np.ndarray:
-    """The net's output ``a·z_L(x_i)`` for each sample, shape (N,)."""
-    work = Workspace.for_problem(theta, x)
-    return forward(theta, np.asarray(x, theta.U.dtype), act, work) @ a.astype(theta.U.dtype)
+    """The net's output ``a·z_L(x_i)`` for each sample: (N,), or (B, N) for a batch."""
+    tb = theta.batched()
+    work = Workspace.for_problem(tb, x, recompute=True)
+    out = forward(tb, np.asarray(x, theta.U.dtype), act, work) @ a.astype(theta.U.dtype)
+    return out if theta.batch else out[0]
 
 
-def decay_term(theta: Particles, weight_decay: float) -> float:
-    """(λ/2) (1/(L M)) Σ |θ|², accumulated in float64."""
+def decay_term(theta: Particles, weight_decay: float) -> np.ndarray | float:
+    """(λ/2) (1/(L M)) Σ |θ|² per net, accumulated in float64."""
     if weight_decay == 0:
-        return 0.0
+        return np.zeros(theta.batch) if theta.batch else 0.0
     L, M, _ = theta.shape
-    sq = sum(float(np.vdot(v, v)) for v in (theta.U, theta.W, theta.b))
-    return 0.5 * weight_decay * sq / (L * M)
+    sq = sum(np.sum(np.square(v, dtype=np.float64), axis=tuple(range(len(theta.batch), v.ndim)))
+             for v in (theta.U, theta.W, theta.b))
+    out = 0.5 * weight_decay * sq / (L * M)
+    return out if theta.batch else float(out)
 
 
 def loss(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray, act: Activation,
          weight_decay: float = 0.0) -> float:
     """E(θ) without the gradient."""
     r = predict(theta, x, a, act) - y
-    return 0.5 * float(np.mean(r.astype(np.float64) ** 2)) + decay_term(theta, weight_decay)
+    E = 0.5 * np.mean(r.astype(np.float64) ** 2, axis=-1) + decay_term(theta, weight_decay)
+    return E if theta.batch else float(E)
 
 
 def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray, act: Activation,
                   weight_decay: float = 0.0, work: Workspace | None = None,
-                  grad: Particles | None = None) -> tuple[float, Particles]:
+                  grad: Particles | None = None, recompute: bool = False) -> tuple[Any, Particles]:
     """E(θ) and ∇_θ E by the discrete adjoint of MODEL.md.
 
-    ``work`` and ``grad`` are optional preallocated buffers (reused when given).
-    E is returned as a Python float; the gradient has θ's dtype.
+    ``work`` and ``grad`` are optional preallocated buffers (reused when given);
+    ``recompute`` chooses the low-memory workspace when none is given. E is a Python
+    float for one net, a float64 array (B,) for a batch; the gradient has θ's dtype
+    and shape.
     """
     L, M, _d = theta.shape
     N = x.shape[0]
     dt = theta.U.dtype
-    if work is None or not work.fits(theta, x):
-        work = Workspace.for_problem(theta, x)
+    tb = theta.batched()
+    if work is None or not work.fits(tb, x):
+        work = Workspace.for_problem(tb, x, recompute)
     if grad is None:
         grad = Particles(np.empty_like(theta.U), np.empty_like(theta.W), np.empty_like(theta.b))
-    zL = forward(theta, x, act, work)
+    gb = grad.batched()
+    zL = forward(tb, x, act, work)
     r = work.r
     np.matmul(zL, a, out=r)
     r -= y
-    E = 0.5 * float(np.dot(r, r)) / N + decay_term(theta, weight_decay)
+    E = 0.5 * np.einsum("bn,bn->b", r, r, dtype=np.float64) / N
+    E = E + decay_term(tb, weight_decay)
 
     c = 1.0 / (L * M)  # h/M
     cg = dt.type(c / N)
     P, Pn, T = work.P, work.Pn, work.T
-    np.multiply(r[:, None], a[None, :], out=P)  # p_L
+    np.multiply(r[..., None], a, out=P)  # p_L
     for l in range(L - 1, -1, -1):
+        if work.recompute:
+            _layer(tb, work, x, act, l, 0)
+        k = 0 if work.recompute else l
         # P holds p_{l+1}; T = σ'(q) (U·p_{l+1})
-        np.matmul(P, theta.U[l].T, out=T)
-        T *= work.D[l]
-        np.matmul(work.S[l].T, P, out=grad.U[l])
-        np.matmul(T.T, work.Z[l], out=grad.W[l])
-        np.sum(T, axis=0, out=grad.b[l])
-        np.matmul(T, theta.W[l], out=Pn)
+        np.matmul(P, tb.U[:, l].transpose(0, 2, 1), out=T)
+        T *= work.D[k]
+        np.matmul(work.S[k].transpose(0, 2, 1), P, out=gb.U[:, l])
+        np.matmul(T.transpose(0, 2, 1), work.Z[l], out=gb.W[:, l])
+        np.sum(T, axis=1, out=gb.b[:, l])
+        np.matmul(T, tb.W[:, l], out=Pn)
         Pn *= c
         P += Pn
     for g in (grad.U, grad.W, grad.b):
         g *= cg
     if weight_decay:
         wd = dt.type(weight_decay * c)
-        for g, v in zip((grad.U, grad.W, grad.b), (theta.U, theta.W, theta.b), strict=False):
+        for g, v in zip((grad.U, grad.W, grad.b), (theta.U, theta.W, theta.b), strict=True):
             g += wd * v
-    return E, grad
+    return (E if theta.batch else float(E[0])), grad
 
 
-def velocity_rms(grad: Particles) -> float:
-    """RMS over particles of the velocity |dθ/ds| = L M |∇_θ E| (each particle's 2d+1 components)."""
+def velocity_rms(grad: Particles) -> Any:
+    """RMS over particles of the velocity |dθ/ds| = L M |∇_θ E| (each particle's 2d+1 components).
+
+    A float for one net, an array (B,) for a batch."""
     L, M, _ = grad.shape
-    sq = sum(float(np.vdot(g, g)) for g in (grad.U, grad.W, grad.b))
-    return float(L * M * np.sqrt(sq / (L * M)))
+    nb = len(grad.batch)
+    sq = sum(np.sum(np.square(g, dtype=np.float64), axis=tuple(range(nb, g.ndim))) for g in (grad.U, grad.W, grad.b))
+    out = L * M * np.sqrt(sq / (L * M))
+    return out if grad.batch else float(out)
 
 
 def gd_step(theta: Particles, grad: Particles, ds: float) -> None:
     """θ ← θ − Δs L M ∇E, in place."""
     L, M, _ = theta.shape
     step = theta.U.dtype.type(ds * L * M)
-    for v, g in zip((theta.U, theta.W, theta.b), (grad.U, grad.W, grad.b), strict=False):
+    for v, g in zip((theta.U, theta.W, theta.b), (grad.U, grad.W, grad.b), strict=True):
         v -= step * g

@@ -85,7 +85,8 @@ def available_memory() -> int | None:
 
 def check_memory(config: RunConfig, N: int, d: int) -> None:
     """Refuse, with the figures, a run whose buffers would not fit in memory."""
-    need = model.workspace_bytes(config.depth, config.width, d, N, np.dtype(config.dtype))
+    need = model.workspace_bytes(config.depth, config.width, d, N, np.dtype(config.dtype),
+                                 recompute=config.memory != "store")
     avail = available_memory()
     if avail is not None and need > 0.9 * avail:
         raise ConfigError(f"L={config.depth}, M={config.width}, N={N}, d={d} needs about {need / 2**30:.1f} GiB "
@@ -129,7 +130,7 @@ def run(config: RunConfig, out: str, *, backend: Backend | None = None, command:
     """
     data, theta, problem = prepare(config)
     if backend is None:
-        backend = select(config.backend, config.threads, config.device)
+        backend = select(config.backend, config.threads, config.device, config.memory)
     start = 0
     if resume and os.path.exists(out):
         writer, start, theta = RunWriter.resume(out, config, data, backend.name, command=command)

@@ -49,7 +49,7 @@ class Trajectory:
 
     @property
     def finite(self) -> bool:
-        return bool(np.isfinite(self.loss[-1]))
+        return bool(np.all(np.isfinite(self.loss[-1])))
 
 
 class Backend(Protocol):
@@ -66,17 +66,17 @@ class Backend(Protocol):
         ...
 
 
-def select(name: str = "auto", threads: int | None = None, device: str = "cpu") -> Backend:
+def select(name: str = "auto", threads: int | None = None, device: str = "cpu", memory: str = "auto") -> Backend:
     """The backend called ``name``; ``auto`` is Julia where it is usable without downloads, else NumPy."""
     from . import julia_backend
     from .numpy_backend import NumpyBackend
 
     if name == "numpy":
-        return NumpyBackend()
+        return NumpyBackend(memory)
     if name == "julia":
         return julia_backend.JuliaBackend(threads=threads, device=device)
     if name == "auto":
         if julia_backend.usable_without_download():
             return julia_backend.JuliaBackend(threads=threads, device=device)
-        return NumpyBackend()
+        return NumpyBackend(memory)
     raise BackendError(f"unknown backend {name!r}; choose auto, numpy or julia")
