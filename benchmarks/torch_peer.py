@@ -45,7 +45,7 @@ class TorchPeer:
                 break
             grads = self.torch.autograd.grad(E, self.params)
             with self.torch.no_grad():
-                for p, g in zip(self.params, grads):
+                for p, g in zip(self.params, grads, strict=True):
                     p.sub_(lr * g)
         return losses
 

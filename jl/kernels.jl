@@ -19,10 +19,14 @@ function blocks(n::Integer, k::Integer)
     return [edges[j]+1:edges[j+1] for j in 1:k]
 end
 
-# Run f(range) for each block of 1:n, in parallel when there are several threads.
-function foreach_block(f, n::Integer)
+# Below this much work per layer (N·M·d), starting tasks costs more than it saves.
+const PARALLEL_WORK = 1 << 16
+
+# Run f(range) for each block of 1:n, in parallel when there are several threads and
+# the layer's work `work` is worth it.
+function foreach_block(f, n::Integer, work::Integer)
     nt = Threads.nthreads()
-    if nt == 1
+    if nt == 1 || work < PARALLEL_WORK
         f(1:n)
     else
         parts = blocks(n, nt)
@@ -57,7 +61,7 @@ function forward!(ws::Workspace{T}, U, W, b, X, σ::Activation) where {T}
     copyto!(view(Z, :, :, 1), X)
     for l in 1:L
         if ws.threaded
-            foreach_block(size(X, 2)) do cols
+            foreach_block(size(X, 2), length(ws.Q) * size(U, 1)) do cols
                 forward_block!(ws, U, W, b, σ, c, l, cols)
             end
         else
@@ -120,13 +124,14 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
         if ws.threaded
             # T = σ′(q) (U·p_{l+1}) and Pn = W T, by sample blocks; then the
             # parameter gradients, by particle blocks (each sums over all samples)
-            foreach_block(N) do cols
+            work = N * M * size(U, 1)
+            foreach_block(N, work) do cols
                 adjoint_block!(ws, U, W, l, cols)
             end
-            foreach_block(M) do rows
+            foreach_block(M, work) do rows
                 gradient_block!(ws, l, cg, rows)
             end
-            foreach_block(N) do cols
+            foreach_block(N, work) do cols
                 P = view(ws.P, :, cols)
                 P .+= c .* view(ws.Pn, :, cols)
             end

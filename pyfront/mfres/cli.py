@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ConfigError, MfresError
+from .errors import ConfigError, MfresError, RunStopped
 
 SIMULATE_EPILOG = """\b
 Examples:
@@ -66,6 +66,11 @@ def main() -> None:
 
 def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options of one run, shared by ``simulate`` and ``sweep``."""
+    return _run_options(f, sweep=False)
+
+
+def _run_options(f: Callable[..., Any], sweep: bool) -> Callable[..., Any]:
+    listable = " A comma list sweeps over it." if sweep else ""
     options = [
         click.option("--dim", "-d", type=int, default=None, help="Input dimension d [default: 4, or the data file's]."),
         click.option("--samples", "-N", type=int, default=None,
@@ -74,18 +79,20 @@ def simulate_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Built-in data set (sphere, teacher) or a .npz/.nc/.csv file."),
         click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the built-in data set."),
         click.option("--activation", default="tanh", show_default=True,
-                     help="tanh, sigmoid, softplus, gelu, srelu[:ETA], relu2."),
-        click.option("--init", type=click.Choice(["iid", "tied", "smooth"]), default="iid", show_default=True,
-                     help="How particles are correlated across depth."),
+                     help="tanh, sigmoid, softplus, gelu, srelu[:ETA], relu2." + listable),
+        click.option("--init", type=str if sweep else click.Choice(["iid", "tied", "smooth"]), default="iid",
+                     show_default=True, help="iid, tied or smooth: how particles are correlated across depth."
+                     + listable),
         click.option("--init-scale", type=float, default=1.0, show_default=True,
                      help="Standard deviation of U, W, b at s = 0."),
         click.option("--length-scale", type=float, default=0.2, show_default=True,
                      help="Depth correlation length of --init smooth."),
         click.option("--steps", type=int, default=2000, show_default=True, help="Number of GD steps."),
-        click.option("--ds", type=float, default=1.0, show_default=True,
-                     help="Pseudo-time step Δs (learning rate L·M·Δs)."),
+        click.option("--ds", type=str if sweep else float, default="1.0" if sweep else 1.0, show_default=True,
+                     help="Pseudo-time step Δs (learning rate L·M·Δs)." + listable),
         click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Weight decay λ ≥ 0."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial particles."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the initial particles" + (" (runs use seed, seed+1, ...)." if sweep else ".")),
         click.option("--snapshot-every", type=int, default=None,
                      help="Steps between snapshots of the particles [default: steps/20]."),
         click.option("--snapshot-particles", type=int, default=None,
@@ -161,6 +168,111 @@ class _ProgressBar:
     def __call__(self, step: int, steps: int, loss: float, rate: float) -> None:
         self.bar.update(step - self.done, f"E={loss:.3e} {rate:,.0f} steps/s")
         self.done = step
+
+
+def _int_list(name: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma list of integers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name} must list at least one value")
+    return values
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(text).split(",") if v.strip())
+
+
+@main.command(epilog="""\b
+Example:
+  mfres sweep --depth 8 --width 8,32,128,512 --seeds 8 --dim 2 --samples 16 \\
+              --steps 40 --ds 0.05 --init iid --workers 2 --out sweep.nc
+""")
+@click.option("--depth", "-L", default="16", show_default=True, help="Depths L, a comma list.")
+@click.option("--width", "-M", default="64", show_default=True, help="Widths M, a comma list.")
+@click.option("--seeds", type=int, default=4, show_default=True, help="Initialisation seeds per (L, M).")
+@click.option("--workers", type=int, default=None, help="Local Dask worker processes [default: one per core].")
+@click.option("--scheduler", default=None, help="Address of a running dask.distributed scheduler to use instead.")
+@click.option("--keep-runs", type=click.Path(file_okay=False), default=None,
+              help="Also write every run's own file (with snapshots) into this folder.")
+@click.option("--out", "-o", default="sweep.nc", show_default=True, type=click.Path(dir_okay=False),
+              help="The sweep file; re-running the same sweep on it completes the missing runs.")
+@lambda f: _run_options(f, sweep=True)
+@_guarded
+def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: str | None, keep_runs: str | None,
+          out: str, quiet: bool, activation: str, init: str, ds: str, **options: Any) -> None:
+    """Run a grid of nets over depth, width and seeds on Dask; write one sweep file."""
+    from .sweep import SweepSpec, run_sweep
+
+    acts, inits = _list(activation), _list(init)
+    try:
+        dss = tuple(float(v) for v in _list(ds))
+    except ValueError:
+        raise ConfigError(f"--ds must be a comma list of numbers, got {ds!r}") from None
+    base = {k: v for k, v in options.items() if v is not None}
+    for name, values in (("activation", acts), ("init", inits), ("ds", dss)):
+        if len(values) == 1:
+            base[name] = values[0]
+    base.pop("backend", None)
+    spec = SweepSpec(_int_list("--depth", depth), _int_list("--width", width), seeds,
+                     acts if len(acts) > 1 else (), inits if len(inits) > 1 else (), dss if len(dss) > 1 else (),
+                     base)
+    command = " ".join(shlex.quote(a) for a in ["mfres", *sys.argv[1:]])
+    if quiet:
+        counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs, command=command)
+    else:
+        total = len(spec.groups())
+        bar = click.progressbar(length=total, label="grid points", file=sys.stderr, show_pos=True,
+                                item_show_func=lambda s: s)
+        state = {"done": 0}
+
+        def progress(done: int, total: int, info: dict[str, Any]) -> None:
+            if done > state["done"]:
+                label = f"L={info.get('depth')} M={info.get('width')}" if info else ""
+                bar.update(done - state["done"], label)
+                state["done"] = done
+
+        with bar:
+            counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs,
+                               command=command, progress=progress)
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    click.echo(f"{summary}; wrote {out}", err=True)
+    if counts.get("missing"):
+        raise RunStopped(f"{counts['missing']} runs are still missing; run the same command again to complete them")
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--eps", type=float, default=1e-3, show_default=True, help="Target loss ε.")
+@click.option("--eta", type=float, default=0.1, show_default=True, help="Failure probability η (target 1 − η).")
+@click.option("--at-s", "at_s", type=float, default=None, help="Pseudo-time of the analysis [default: the last].")
+@click.option("--reference", type=click.Choice(["deepest", "richardson"]), default="deepest", show_default=True,
+              help="Limit used for the depth bias: the deepest run, or Richardson extrapolation in 1/L.")
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results as a netCDF file.")
+@_guarded
+def analyze(sweep_file: str, eps: float, eta: float, at_s: float | None, reference: str, out: str | None) -> None:
+    """Size to ε, time to ε and convergence rates of a sweep file."""
+    import xarray as xr
+
+    from . import analysis
+    from .store import open_run
+
+    if not (eps > 0 and 0 < eta < 1):
+        raise ConfigError("--eps must be positive and --eta in (0, 1)")
+    sweep = open_run(sweep_file, load=True)
+    if "status" not in sweep or "seed" not in sweep.dims:
+        raise ConfigError(f"{sweep_file} is not a sweep file (made by mfres sweep)")
+    try:
+        click.echo(analysis.report(sweep, eps, eta, at_s, reference))
+        if out:
+            size = analysis.size_to_eps(sweep, eps, eta, at_s)
+            rates = analysis.convergence_rates(sweep, at_s, reference)
+            xr.merge([size, rates], compat="override").to_netcdf(out)
+            click.echo(f"wrote {out}", err=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @main.command()

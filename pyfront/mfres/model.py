@@ -63,8 +63,8 @@ def learning_rate(L: int, M: int, ds: float) -> float:
 def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: bool = False, B: int = 1) -> int:
     """Bytes of a ``Workspace`` plus θ, its gradient and a copy of θ (what a run holds)."""
     layers = 1 if recompute else L
-    work = 2 * layers * N * M + (L + 1) * N * d + 2 * N * M + 2 * N * d + N
-    particles = 4 * L * M * (2 * d + 1)  # θ, ∇E, the chunk-start copy, the snapshot cast
+    work = 2 * layers * N * M + (L + 1) * N * (d + 1) + 2 * N * M + 2 * N * (d + 1) + N
+    particles = 6 * L * M * (2 * d + 1)  # θ, ∇E, [W b], [U 0], the chunk-start copy, the snapshot cast
     return int(np.dtype(dtype).itemsize * B * (work + particles))
 
 
@@ -72,11 +72,13 @@ def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: 
 class Workspace:
     """Buffers reused across gradient evaluations (all in the particles' dtype).
 
-    ``Z`` holds the states z_0..z_L (L+1, B, N, d); ``S`` and ``D`` hold σ(q) and σ'(q)
-    (L, B, N, M), or only one layer's (1, B, N, M) in ``recompute`` mode, where the
-    adjoint recomputes each layer's activations from z_l (memory O(L N d) instead of
-    O(L N M), one more product and activation per layer); the rest are one layer's
-    scratch. B is the batch size (1 for a single net).
+    ``Z`` holds the states z_0..z_L (L+1, B, N, d+1), each with a last entry 1 so that
+    one product [z 1]·[W b]ᵀ gives the pre-activations and one product Tᵀ[z 1] gives
+    both ∂E/∂W and ∂E/∂b (``Wb`` and ``U0`` hold [W b] and [U 0]); ``S`` and ``D`` hold
+    σ(q) and σ'(q) (L, B, N, M), or only one layer's (1, B, N, M) in ``recompute`` mode,
+    where the adjoint recomputes each layer's activations from z_l (memory O(L N d)
+    instead of O(L N M), one more product and activation per layer); the rest are one
+    layer's scratch. B is the batch size (1 for a single net).
     """
 
     L: int
@@ -94,18 +96,32 @@ class Workspace:
     Q: np.ndarray = field(init=False)
     T: np.ndarray = field(init=False)
     r: np.ndarray = field(init=False)
+    Wb: np.ndarray = field(init=False)
+    U0: np.ndarray = field(init=False)
+    G: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         L, M, d, N, B, dt = self.L, self.M, self.d, self.N, self.B, self.dtype
         layers = 1 if self.recompute else L
-        self.Z = np.empty((L + 1, B, N, d), dt)
+        self.Z = np.empty((L + 1, B, N, d + 1), dt)
+        self.Z[..., d] = 1
         self.S = np.empty((layers, B, N, M), dt)
         self.D = np.empty((layers, B, N, M), dt)
-        self.P = np.empty((B, N, d), dt)
-        self.Pn = np.empty((B, N, d), dt)
+        self.P = np.empty((B, N, d + 1), dt)
+        self.Pn = np.empty((B, N, d + 1), dt)
         self.Q = np.empty((B, N, M), dt)
         self.T = np.empty((B, N, M), dt)
         self.r = np.empty((B, N), dt)
+        self.Wb = np.empty((B, L, M, d + 1), dt)
+        self.U0 = np.zeros((B, L, M, d + 1), dt)
+        self.G = np.empty((B, M, d + 1), dt)
+
+    def load(self, theta: Particles) -> None:
+        """Copy θ (with a batch axis) into [W b] and [U 0]."""
+        d = self.d
+        self.Wb[..., :d] = theta.W
+        self.Wb[..., d] = theta.b
+        self.U0[..., :d] = theta.U
 
     @classmethod
     def for_problem(cls, theta: Particles, x: np.ndarray, recompute: bool = False) -> Workspace:
@@ -118,12 +134,10 @@ class Workspace:
         return (self.L, self.M, self.d, self.N, self.dtype, self.B) == (*theta.shape, x.shape[0], theta.U.dtype, B)
 
 
-def _layer(theta: Particles, work: Workspace, x: np.ndarray, act: Activation, l: int, k: int) -> None:
-    """σ and σ' of layer l's pre-activations, from z_l, into S[k], D[k]."""
-    Q = work.Q
-    np.matmul(work.Z[l], theta.W[:, l].transpose(0, 2, 1), out=Q)
-    Q += theta.b[:, l, None, :]
-    value_and_derivative(act, Q, work.S[k], work.D[k])
+def _layer(work: Workspace, act: Activation, l: int, k: int) -> None:
+    """σ and σ' of layer l's pre-activations [z_l 1]·[W b]ᵀ into S[k], D[k]."""
+    np.matmul(work.Z[l], work.Wb[:, l].transpose(0, 2, 1), out=work.Q)
+    value_and_derivative(act, work.Q, work.S[k], work.D[k])
 
 
 def forward(theta: Particles, x: np.ndarray, act: Activation, work: Workspace) -> np.ndarray:
@@ -131,17 +145,18 @@ def forward(theta: Particles, x: np.ndarray, act: Activation, work: Workspace) -
 
     ``theta`` must carry a batch axis (``Particles.batched``).
     """
-    L, M, _ = theta.shape
+    L, M, d = theta.shape
     c = 1.0 / (L * M)  # h/M
     Z = work.Z
-    Z[0] = x
+    work.load(theta)
+    Z[0, ..., :d] = x
     for l in range(L):
         k = 0 if work.recompute else l
-        _layer(theta, work, x, act, l, k)
-        np.matmul(work.S[k], theta.U[:, l], out=Z[l + 1])
+        _layer(work, act, l, k)
+        np.matmul(work.S[k], work.U0[:, l], out=Z[l + 1])  # last entry: Σ σ·0 = 0
         Z[l + 1] *= c
-        Z[l + 1] += Z[l]
-    return Z[L]
+        Z[l + 1] += Z[l]  # ... + 1
+    return Z[L, ..., :d]
 
 
 def predict(theta: Particles, x: np.ndarray, a: np.ndarray, act: Activation) -> np.ndarray:
@@ -199,19 +214,21 @@ def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray,
 
     c = 1.0 / (L * M)  # h/M
     cg = dt.type(c / N)
-    P, Pn, T = work.P, work.Pn, work.T
-    np.multiply(r[..., None], a, out=P)  # p_L
+    P, Pn, T, G = work.P, work.Pn, work.T, work.G
+    np.multiply(r[..., None], a, out=P[..., :_d])  # p_L
+    P[..., _d] = 0  # P's last entry only ever meets U0's zero column; keep it finite
     for l in range(L - 1, -1, -1):
         if work.recompute:
-            _layer(tb, work, x, act, l, 0)
+            _layer(work, act, l, 0)
         k = 0 if work.recompute else l
         # P holds p_{l+1}; T = σ'(q) (U·p_{l+1})
-        np.matmul(P, tb.U[:, l].transpose(0, 2, 1), out=T)
+        np.matmul(P, work.U0[:, l].transpose(0, 2, 1), out=T)
         T *= work.D[k]
-        np.matmul(work.S[k].transpose(0, 2, 1), P, out=gb.U[:, l])
-        np.matmul(T.transpose(0, 2, 1), work.Z[l], out=gb.W[:, l])
-        np.sum(T, axis=1, out=gb.b[:, l])
-        np.matmul(T, tb.W[:, l], out=Pn)
+        np.matmul(work.S[k].transpose(0, 2, 1), P[..., :_d], out=gb.U[:, l])
+        np.matmul(T.transpose(0, 2, 1), work.Z[l], out=G)  # [∂W ∂b]
+        gb.W[:, l] = G[..., :_d]
+        gb.b[:, l] = G[..., _d]
+        np.matmul(T, work.Wb[:, l], out=Pn)
         Pn *= c
         P += Pn
     for g in (grad.U, grad.W, grad.b):

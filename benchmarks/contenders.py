@@ -1,0 +1,134 @@
+"""One benchmark measurement in a fresh process, printed as one JSON line.
+
+    python benchmarks/contenders.py CONTENDER SIZE DTYPE [--memory store|recompute] [--batch B]
+
+CONTENDER is ``numpy`` or ``pytorch``. Reports the median seconds per GD step over
+repeats, the peak resident memory above the process's baseline (taken after the
+inputs exist, before any buffer of the contender is allocated), the bytes of the
+arrays the contender keeps, and E at the first and last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "pyfront"))
+
+SIZES = {
+    "small": (8, 16, 4, 32),
+    "medium": (32, 128, 8, 256),
+    "large": (64, 512, 16, 1024),
+}
+# GD steps per repeat and repeats, so that each measurement takes a second or more
+SCHEDULE = {"small": (200, 5), "medium": (20, 5), "large": (3, 3)}
+
+
+def warm_blas() -> None:
+    """One small product first: OpenBLAS allocates its per-thread buffers (tens of MiB) at its
+    first call; they belong to the library, not to the contender's arrays."""
+    a = np.ones((64, 64))
+    a @ a
+    a.astype(np.float32) @ a.astype(np.float32)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def problem(size: str, dtype: str, batch: int = 0):
+    from mfres import activations
+    from mfres.backends import Problem
+    from mfres.data import builtin
+    from mfres.init import initial_particles
+    from mfres.model import Particles
+
+    L, M, d, N = SIZES[size]
+    dt = np.dtype(dtype)
+    data = builtin("sphere", N, d, data_seed=0)
+    if batch:
+        nets = [initial_particles("iid", L, M, d, seed=s, dtype=dt) for s in range(batch)]
+        theta = Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
+    else:
+        theta = initial_particles("iid", L, M, d, seed=0, dtype=dt)
+    return theta, Problem.from_data(data, activations.parse("tanh"), 0.0, dt)
+
+
+def measure(advance, steps: int, repeats: int) -> tuple[float, list[float]]:
+    advance(1)  # warm-up: buffers, caches, first-call costs
+    times = []
+    losses: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = advance(steps)
+        times.append((time.perf_counter() - t0) / (steps + 1))
+        losses = out
+    return float(np.median(times)), losses
+
+
+def run_numpy(size: str, dtype: str, memory: str, batch: int, steps: int | None) -> dict:
+    from mfres import model
+    from mfres.backends.numpy_backend import NumpyBackend, choose_recompute
+
+    theta, prob = problem(size, dtype, batch)
+    L, M, d, N = SIZES[size]
+    warm_blas()
+    base = rss_bytes()
+    backend = NumpyBackend(memory)
+    n, repeats = SCHEDULE[size]
+    if steps:
+        n, repeats = steps, 1
+    sec, losses = measure(lambda k: np.atleast_1d(backend.advance(theta, prob, 0.1, k).loss[:, ...]).tolist(), n,
+                          repeats)
+    recompute = choose_recompute(memory, L, M, N, np.dtype(dtype), max(batch, 1))
+    kept = model.workspace_bytes(L, M, d, N, np.dtype(dtype), recompute, max(batch, 1))
+    return {"sec_per_step": sec, "peak_bytes": peak_rss_bytes() - base, "kept_bytes": kept,
+            "recompute": recompute, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def run_pytorch(size: str, dtype: str, steps: int | None) -> dict:
+    from torch_peer import TorchPeer
+
+    theta, prob = problem(size, dtype)
+    base = rss_bytes()
+    peer = TorchPeer(theta.U, theta.W, theta.b, prob.x, prob.y, prob.a, threads=2)
+    n, repeats = SCHEDULE[size]
+    if steps:
+        n, repeats = steps, 1
+    sec, losses = measure(lambda k: peer.advance(0.1, k).tolist(), n, repeats)
+    return {"sec_per_step": sec, "peak_bytes": peak_rss_bytes() - base, "kept_bytes": None,
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("contender", choices=["numpy", "pytorch"])
+    p.add_argument("size", choices=sorted(SIZES))
+    p.add_argument("dtype", choices=["float64", "float32"])
+    p.add_argument("--memory", default="store")
+    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="one repeat of this many steps")
+    a = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    if a.contender == "numpy":
+        out = run_numpy(a.size, a.dtype, a.memory, a.batch, a.steps)
+    else:
+        out = run_pytorch(a.size, a.dtype, a.steps)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
