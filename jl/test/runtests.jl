@@ -169,9 +169,9 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
             a100 = @allocated run(100)
             return (a100 - a10) / 90
         end
-        small = bytes_per_step(4, 32, 8, 64)
-        large = bytes_per_step(4, 128, 8, 256)
-        println("allocated per GD step, L = 8: $small bytes (M=32, N=64), $large bytes (M=128, N=256); ",
+        small = bytes_per_step(4, 64, 8, 256)  # both above the threads' work threshold
+        large = bytes_per_step(4, 128, 8, 512)
+        println("allocated per GD step, L = 8: $small bytes (M=64, N=256), $large bytes (M=128, N=512); ",
                 "$(Threads.nthreads()) threads")
         # What remains are small wrappers (array views on Julia 1.5, the tasks of
         # Threads.@threads): a fixed amount per layer, never an array of size N or M.

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ConfigError, MfresError, RunStopped
+from .errors import ConfigError, MfresError, RunStopped, StorageError
 
 SIMULATE_EPILOG = """\b
 Examples:
@@ -273,6 +273,56 @@ def analyze(sweep_file: str, eps: float, eta: float, at_s: float | None, referen
             click.echo(f"wrote {out}", err=True)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--kind", "-k", type=click.Choice(["loss", "weights", "clouds", "success", "rates"]), default="loss",
+              show_default=True, help="loss (run or sweep); weights, clouds (run); success, rates (sweep).")
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False),
+              help="Figure file, .png or .pdf [default: FILE's name + _KIND.png].")
+@click.option("--layers", default=None, help="weights: comma list of layer indices [default: first, middle, last].")
+@click.option("--at-s", "at_s", default=None,
+              help="clouds: comma list of pseudo-times; success, rates: the pseudo-time [default: last].")
+@click.option("--eps", type=float, default=1e-3, show_default=True, help="success: target loss ε.")
+@click.option("--eta", type=float, default=0.1, show_default=True, help="success: failure probability η.")
+@click.option("--reference", type=click.Choice(["deepest", "richardson"]), default="deepest", show_default=True,
+              help="rates: the limit used for the depth bias.")
+@_guarded
+def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | None, eps: float, eta: float,
+         reference: str) -> None:
+    """Draw a figure of a run file or a sweep file."""
+    import os
+
+    from . import plot as figures
+    from .store import open_run, valid_snapshots
+
+    ds = open_run(file, load=True)
+    sweep = figures.is_sweep(ds)
+    if kind in ("weights", "clouds") and sweep:
+        raise ConfigError(f"--kind {kind} needs a run file (mfres simulate), {file} is a sweep")
+    if kind in ("success", "rates") and not sweep:
+        raise ConfigError(f"--kind {kind} needs a sweep file (mfres sweep), {file} is a single run")
+    times = [float(v) for v in _list(at_s)] if at_s else []
+    try:
+        if kind == "loss":
+            fig = figures.loss(ds)
+        elif kind == "weights":
+            fig = figures.weights(valid_snapshots(ds), _int_list("--layers", layers) if layers else None)
+        elif kind == "clouds":
+            fig = figures.clouds(valid_snapshots(ds), times or None)
+        elif kind == "success":
+            fig = figures.success(ds, eps, eta, times[0] if times else None)
+        else:
+            fig = figures.rates(ds, times[0] if times else None, reference)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = out or f"{os.path.splitext(file)[0]}_{kind}.png"
+    try:
+        figures.save(fig, out)
+    except (OSError, ValueError) as e:
+        raise StorageError(f"cannot write {out}: {e}") from None
+    click.echo(f"wrote {out}", err=True)
 
 
 @main.command()

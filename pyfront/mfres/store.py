@@ -418,6 +418,15 @@ class RunWriter:
                     raise StorageError(f"closing {self.path} failed: {e}") from None
 
 
+def valid_snapshots(ds: Any) -> Any:
+    """The run ``ds`` without incomplete snapshots (a run killed while writing one leaves
+    ``snapshot_step`` = −1), and without steps past ``steps_done``."""
+    keep = ds["snapshot_step"].values >= 0
+    out = ds.isel(snapshot=np.flatnonzero(keep))
+    done = int(ds.attrs.get("steps_done", ds.sizes["step"] - 1))
+    return out.isel(step=slice(0, done + 1))
+
+
 def open_run(path: str, load: bool = False, **kwargs: Any) -> Any:
     """Open a run file as an ``xarray.Dataset`` (lazily unless ``load``)."""
     import xarray as xr
