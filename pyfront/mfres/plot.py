@@ -43,7 +43,9 @@ def run_title(ds: Any) -> str:
 
 def sweep_title(ds: Any) -> str:
     a = ds.attrs
-    return (f"sweep: L ∈ {list(ds['depth'].values)}, M ∈ {list(ds['width'].values)}, {ds.sizes['seed']} seeds; "
+    depths = [int(v) for v in ds["depth"].values]
+    widths = [int(v) for v in ds["width"].values]
+    return (f"sweep: L ∈ {depths}, M ∈ {widths}, {ds.sizes['seed']} seeds; "
             f"data={a.get('data', 'sphere')}, d={a.get('dim', 4)}, N={a.get('samples', 64)}, "
             f"σ={a.get('activation', 'tanh')}, init={a.get('init', 'iid')}")
 
@@ -176,7 +178,7 @@ def clouds(ds: Any, at_s: list[float] | None = None) -> Any:
         ax.grid(True, alpha=0.3)
     axes[0, 0].set_ylabel("b")
     fig.colorbar(sc, ax=axes[0, -1], label="depth t = l/L")
-    fig.suptitle("Particle clouds (W·ŵ, b) of all layers\n" + run_title(ds), fontsize=9)
+    fig.suptitle("Particle clouds (W·ŵ, b) of all layers\n" + run_title(ds), fontsize=9, y=1.04)
     return fig
 
 
@@ -193,8 +195,10 @@ def _grid_heatmap(ax: Any, da: Any, fmt: str, cmap: str, label: str, vmin: float
     for i in range(len(depths)):
         for j in range(len(widths)):
             v = vals[i, j]
+            r, g, b_, _ = mesh.cmap(mesh.norm(v)) if np.isfinite(v) else (1, 1, 1, 1)
+            dark = 0.299 * r + 0.587 * g + 0.114 * b_ < 0.5
             ax.text(j, i, "–" if not np.isfinite(v) else format(v, fmt), ha="center", va="center", fontsize=8,
-                    color="white" if np.isfinite(v) and vmax is not None and v < 0.5 * vmax else "black")
+                    color="white" if dark else "black")
     ax.figure.colorbar(mesh, ax=ax, label=label)
     return mesh
 
@@ -213,7 +217,7 @@ def success(sweep: Any, eps: float, eta: float, at_s: float | None = None) -> An
     axes[0].set_title(f"success probability at s = {res.attrs['s']:g} (target 1 − η = {1 - eta:g})", fontsize=9)
     med = _first_case(res["s_eps_median"])
     finite = med.values[np.isfinite(med.values)]
-    _grid_heatmap(axes[1], med, ".3g", "viridis_r", "median s_ε", 0,
+    _grid_heatmap(axes[1], med, ".4g", "viridis_r", "median s_ε", 0,
                   float(finite.max()) if finite.size else 1.0)
     axes[1].set_title(f"median pseudo-time to reach loss {eps:g}", fontsize=9)
     fig.suptitle(sweep_title(sweep), fontsize=9)
@@ -232,7 +236,8 @@ def rates(sweep: Any, at_s: float | None = None, reference: str = "deepest") -> 
     depths = sweep["depth"].values.astype(float)
     widths = sweep["width"].values.astype(float)
     cmap = plt.get_cmap("viridis")
-    for j, M in enumerate(bias["width"].values):
+    depth_study = len(depths) >= (3 if reference == "deepest" else 2)
+    for j, M in enumerate(bias["width"].values if depth_study else []):
         y = bias.sel(width=M).values
         color = cmap(j / max(1, len(widths) - 1))
         axes[0].loglog(depths, y, "o", color=color, label=f"M={M}")
@@ -242,10 +247,13 @@ def rates(sweep: Any, at_s: float | None = None, reference: str = "deepest") -> 
             lo, hi = fit.ci
             axes[0].loglog(xs, fit.predict(xs), "-", color=color, alpha=0.7,
                            label=f"fit slope {fit.slope:.2f} [{lo:.2f}, {hi:.2f}]")
+    if not depth_study:
+        axes[0].text(0.5, 0.5, f"{len(depths)} depth(s): too few for a depth study", ha="center", va="center",
+                     transform=axes[0].transAxes)
     axes[0].set_xlabel("depth L")
     axes[0].set_ylabel(f"|mean loss − limit| ({reference})")
     axes[0].set_title(f"depth bias at s = {r.attrs['s']:g} (theory slope −1)", fontsize=9)
-    for j, L in enumerate(spread["depth"].values):
+    for j, L in enumerate(spread["depth"].values if len(widths) >= 2 else []):
         y = spread.sel(depth=L).values
         color = cmap(j / max(1, len(depths) - 1))
         axes[1].loglog(widths, y, "o", color=color, label=f"L={L}")
@@ -255,15 +263,24 @@ def rates(sweep: Any, at_s: float | None = None, reference: str = "deepest") -> 
             lo, hi = fit.ci
             axes[1].loglog(xs, fit.predict(xs), "-", color=color, alpha=0.7,
                            label=f"fit slope {fit.slope:.2f} [{lo:.2f}, {hi:.2f}]")
-    if len(widths):
+    if len(widths) >= 2:
         ref_y = np.nanmax(spread.values) if np.isfinite(spread.values).any() else 1.0
         axes[1].loglog(widths, ref_y * (widths / widths.min()) ** -0.5, "k--", alpha=0.5, label="slope −1/2")
+    else:
+        axes[1].text(0.5, 0.5, "one width: too few for a width study", ha="center", va="center",
+                     transform=axes[1].transAxes)
     axes[1].set_xlabel("width M")
     axes[1].set_ylabel("std of the loss over seeds")
     axes[1].set_title(f"seed-to-seed spread at s = {r.attrs['s']:g} (theory slope −1/2)", fontsize=9)
-    for ax in axes:
+    from matplotlib.ticker import NullFormatter
+
+    for ax, ticks in ((axes[0], depths), (axes[1], widths)):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(ticks):
+            ax.set_xticks(ticks, [str(int(v)) for v in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.suptitle(sweep_title(sweep), fontsize=9)
     fig.tight_layout()
     return fig
