@@ -45,7 +45,24 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak() -> None:
+    """Start the peak-RSS count afresh (Linux: 5 > /proc/self/clear_refs resets VmHWM), so that
+    transient allocations before the baseline (imports, set-up) do not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -87,6 +104,7 @@ def run_numpy(size: str, dtype: str, memory: str, batch: int, steps: int | None)
     L, M, d, N = SIZES[size]
     warm_blas()
     base = rss_bytes()
+    reset_peak()
     backend = NumpyBackend(memory)
     n, repeats = SCHEDULE[size]
     if steps:
@@ -104,6 +122,7 @@ def run_pytorch(size: str, dtype: str, steps: int | None) -> dict:
 
     theta, prob = problem(size, dtype)
     base = rss_bytes()
+    reset_peak()
     peer = TorchPeer(theta.U, theta.W, theta.b, prob.x, prob.y, prob.a, threads=2)
     n, repeats = SCHEDULE[size]
     if steps:

@@ -124,16 +124,14 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
         if ws.threaded
             # T = σ′(q) (U·p_{l+1}) and Pn = W T, by sample blocks; then the
             # parameter gradients, by particle blocks (each sums over all samples)
+            # the previous layer's P += c Pn is done by each sample block as it starts
             work = N * M * size(U, 1)
+            cprev = l == L ? zero(T) : c
             foreach_block(N, work) do cols
-                adjoint_block!(ws, U, W, l, cols)
+                adjoint_block!(ws, U, W, l, cols, cprev)
             end
             foreach_block(M, work) do rows
                 gradient_block!(ws, l, cg, rows)
-            end
-            foreach_block(N, work) do cols
-                P = view(ws.P, :, cols)
-                P .+= c .* view(ws.Pn, :, cols)
             end
         else
             Tm = ws.Tm
@@ -156,9 +154,13 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
     return E
 end
 
-function adjoint_block!(ws::Workspace, U, W, l, cols)
+function adjoint_block!(ws::Workspace, U, W, l, cols, cprev)
+    P = view(ws.P, :, cols)
+    if cprev != 0  # p_{l+1} = p_{l+2} + (h/M) Σ W σ′ (U·p_{l+2}), from the previous layer's Pn
+        P .+= cprev .* view(ws.Pn, :, cols)
+    end
     Tm = view(ws.Tm, :, cols)
-    mul!(Tm, transpose(view(U, :, :, l)), view(ws.P, :, cols))
+    mul!(Tm, transpose(view(U, :, :, l)), P)
     D = ws.D
     @inbounds for i in cols
         @simd for m in axes(D, 1)

@@ -225,6 +225,17 @@ def success(sweep: Any, eps: float, eta: float, at_s: float | None = None) -> An
     return fig
 
 
+def _points_and_fit(ax: Any, x: np.ndarray, y: np.ndarray, color: Any, label: str) -> None:
+    """Points on log-log axes and their fitted power law, labelled with slope and 95 % interval."""
+    ax.loglog(x, y, "o", color=color, label=label)
+    fit = analysis.fit_loglog(x, y)
+    if np.isfinite(fit.slope):
+        xs = np.array([x.min(), x.max()])
+        lo, hi = fit.ci
+        ax.loglog(xs, fit.predict(xs), "-", color=color, alpha=0.7,
+                  label=f"fit slope {fit.slope:.2f} [{lo:.2f}, {hi:.2f}]")
+
+
 def rates(sweep: Any, at_s: float | None = None, reference: str = "deepest") -> Any:
     """Convergence to the mean-field limit: depth bias against L and seed spread against M,
     log-log, with fitted lines and the theory's slopes −1 and −1/2."""
@@ -238,15 +249,7 @@ def rates(sweep: Any, at_s: float | None = None, reference: str = "deepest") -> 
     cmap = plt.get_cmap("viridis")
     depth_study = len(depths) >= (3 if reference == "deepest" else 2)
     for j, M in enumerate(bias["width"].values if depth_study else []):
-        y = bias.sel(width=M).values
-        color = cmap(j / max(1, len(widths) - 1))
-        axes[0].loglog(depths, y, "o", color=color, label=f"M={M}")
-        fit = analysis.fit_loglog(depths, y)
-        if np.isfinite(fit.slope):
-            xs = np.array([depths.min(), depths.max()])
-            lo, hi = fit.ci
-            axes[0].loglog(xs, fit.predict(xs), "-", color=color, alpha=0.7,
-                           label=f"fit slope {fit.slope:.2f} [{lo:.2f}, {hi:.2f}]")
+        _points_and_fit(axes[0], depths, bias.sel(width=M).values, cmap(j / max(1, len(widths) - 1)), f"M={M}")
     if not depth_study:
         axes[0].text(0.5, 0.5, f"{len(depths)} depth(s): too few for a depth study", ha="center", va="center",
                      transform=axes[0].transAxes)
@@ -254,15 +257,7 @@ def rates(sweep: Any, at_s: float | None = None, reference: str = "deepest") -> 
     axes[0].set_ylabel(f"|mean loss − limit| ({reference})")
     axes[0].set_title(f"depth bias at s = {r.attrs['s']:g} (theory slope −1)", fontsize=9)
     for j, L in enumerate(spread["depth"].values if len(widths) >= 2 else []):
-        y = spread.sel(depth=L).values
-        color = cmap(j / max(1, len(depths) - 1))
-        axes[1].loglog(widths, y, "o", color=color, label=f"L={L}")
-        fit = analysis.fit_loglog(widths, y)
-        if np.isfinite(fit.slope):
-            xs = np.array([widths.min(), widths.max()])
-            lo, hi = fit.ci
-            axes[1].loglog(xs, fit.predict(xs), "-", color=color, alpha=0.7,
-                           label=f"fit slope {fit.slope:.2f} [{lo:.2f}, {hi:.2f}]")
+        _points_and_fit(axes[1], widths, spread.sel(depth=L).values, cmap(j / max(1, len(depths) - 1)), f"L={L}")
     if len(widths) >= 2:
         ref_y = np.nanmax(spread.values) if np.isfinite(spread.values).any() else 1.0
         axes[1].loglog(widths, ref_y * (widths / widths.min()) ** -0.5, "k--", alpha=0.5, label="slope −1/2")
