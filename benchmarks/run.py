@@ -212,7 +212,34 @@ def write_results(path: str, rows: list[dict], peaks: dict, f32: dict, big: str,
         lines.append(f"| {B} | {fmt_ms(res['sec_per_step'])} | {fmt_ms(per)} | "
                      f"{single['sec_per_step'] / per:.2f}× |")
     lines += ["", "## Targets", "", *targets(rows, f32, single, batched)]
+    lines += ["", "## Where the time goes", "", PROFILE_TEXT, ""]
+    for size in [r["size"] for r in rows if r["dtype"] == "float64" and r["size"] != "small"]:
+        prof = subprocess.run([sys.executable, str(HERE / "profile_numpy.py"), size, "float64"], capture_output=True,
+                              text=True)
+        lines += ["```", prof.stdout.strip(), "```", ""]
+    lines += [CLOSING_TEXT]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+PROFILE_TEXT = """\
+A NumPy step is six matrix products and the activations per layer. The profile below
+(`python benchmarks/profile_numpy.py SIZE`) times each operation of one layer alone,
+times L. Every product has one dimension of only d + 1 (the state, with the bias
+folded in): BLAS runs such skinny products at a small fraction of its dense peak
+(compare the GB/s column with the copy rate), and the activation is an element-wise
+pass over the N·M pre-activations. Each operation reads or writes a full N×M array
+from memory, so the step is bound by memory traffic, not by flops; PyTorch autograd,
+doing the same operations, is bound the same way, which caps the ratio between them."""
+
+CLOSING_TEXT = """\
+What would close the remaining gaps: the Julia kernels show the way, running each block
+of samples through its products and activations while the block is in cache (one
+pass over memory per layer instead of about eight); for NumPy that needs a compiled,
+fused kernel (or Numba), which the pure-NumPy reference deliberately does without.
+For the Julia kernels the next steps are fusing the parameter-gradient products
+into the sample blocks (partial sums over fixed sample chunks, reduced in a fixed
+order, so results stay independent of the thread count) and a hand-written kernel
+for the skinny d-wide products, which BLAS handles poorly on Julia 1.5's OpenBLAS."""
 
 
 def targets(rows: list[dict], f32: dict, single: dict, batched: dict) -> list[str]:
