@@ -225,11 +225,12 @@ PROFILE_TEXT = """\
 A NumPy step is six matrix products and the activations per layer. The profile below
 (`python benchmarks/profile_numpy.py SIZE`) times each operation of one layer alone,
 times L. Every product has one dimension of only d + 1 (the state, with the bias
-folded in): BLAS runs such skinny products at a small fraction of its dense peak
-(compare the GB/s column with the copy rate), and the activation is an element-wise
-pass over the N·M pre-activations. Each operation reads or writes a full N×M array
-from memory, so the step is bound by memory traffic, not by flops; PyTorch autograd,
-doing the same operations, is bound the same way, which caps the ratio between them."""
+folded in) and reads or writes a full N×M array: BLAS runs these skinny shapes far
+below its dense peak, and far below the rate at which NumPy merely copies such an
+array (compare the GB/s column with the copy rate). The activation is an element-wise
+pass over the N·M pre-activations. No single operation dominates, so no single change
+to the NumPy code closes the gap; PyTorch autograd runs the same products through its
+own BLAS and is limited the same way, which caps the ratio between the two."""
 
 CLOSING_TEXT = """\
 What would close the remaining gaps: the Julia kernels show the way, running each block

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT
+from reference import autograd_loss_and_grad
 
 from mfres import activations
 from mfres.backends import Problem
@@ -83,6 +84,18 @@ def test_julia_suite_and_conformance(julia: str, conformance_dir: Path, threads:
         ref = np.fromfile(conformance_dir / name / "losses.bin")
         tol = 1e-12 if dtype == "float64" else 1e-4
         np.testing.assert_allclose(jl, ref, rtol=tol)
+    # and against an independent autograd replay of the same GD steps
+    name, L, M, d, N, act, _init, wd, ds, steps, _ = CASES[3]
+    case = conformance_dir / name
+    U, W = (np.fromfile(case / f"{v}.bin").reshape(L, M, d) for v in "UW")
+    b = np.fromfile(case / "b.bin").reshape(L, M)
+    x, y, a = np.fromfile(case / "X.bin").reshape(N, d), np.fromfile(case / "y.bin"), np.fromfile(case / "a.bin")
+    replay = []
+    for _ in range(steps + 1):
+        E, gU, gW, gb = autograd_loss_and_grad(U, W, b, x, y, a, act, wd)
+        replay.append(E)
+        U, W, b = U - ds * L * M * gU, W - ds * L * M * gW, b - ds * L * M * gb
+    np.testing.assert_allclose(np.fromfile(case / "julia_losses.bin"), replay, rtol=1e-9)
 
 
 def test_fatou_lint_clean() -> None:
