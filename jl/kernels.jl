@@ -122,16 +122,19 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
     mul!(ws.P, a, transpose(r))  # p_L = r a, one column per sample
     for l in L:-1:1
         if ws.threaded
-            # T = σ′(q) (U·p_{l+1}) and Pn = W T, by sample blocks; then the
-            # parameter gradients, by particle blocks (each sums over all samples)
-            # the previous layer's P += c Pn is done by each sample block as it starts
+            # by fixed chunks of samples, each task owning some: the previous layer's
+            # P += c Pn, T = σ′(q) (U·p_{l+1}), Pn = W T and the chunk's parameter
+            # gradients; then the chunk sums, added in chunk order, by particle blocks
             work = N * M * size(U, 1)
             cprev = l == L ? zero(T) : c
-            foreach_block(N, work) do cols
-                adjoint_block!(ws, U, W, l, cols, cprev)
+            nch = length(ws.chunks)
+            foreach_block(nch, work) do ks
+                for k in ks
+                    adjoint_chunk!(ws, U, W, l, k, cprev)
+                end
             end
             foreach_block(M, work) do rows
-                gradient_block!(ws, l, cg, rows)
+                reduce_chunks!(ws, l, cg, rows)
             end
         else
             Tm = ws.Tm
@@ -154,7 +157,8 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
     return E
 end
 
-function adjoint_block!(ws::Workspace, U, W, l, cols, cprev)
+function adjoint_chunk!(ws::Workspace{T}, U, W, l, k, cprev) where {T}
+    cols = ws.chunks[k]
     P = view(ws.P, :, cols)
     if cprev != 0  # p_{l+1} = p_{l+2} + (h/M) Σ W σ′ (U·p_{l+2}), from the previous layer's Pn
         P .+= cprev .* view(ws.Pn, :, cols)
@@ -168,13 +172,32 @@ function adjoint_block!(ws::Workspace, U, W, l, cols, cprev)
         end
     end
     mul!(view(ws.Pn, :, cols), view(W, :, :, l), Tm)
+    mul!(view(ws.gUp, :, :, k), P, transpose(view(ws.S, :, cols, l)))
+    mul!(view(ws.gWp, :, :, k), view(ws.Z, :, cols, l), transpose(Tm))
+    mul!(view(ws.gbp, :, k), Tm, view(ws.ones_N, cols))
     return nothing
 end
 
-function gradient_block!(ws::Workspace{T}, l, cg, rows) where {T}
-    mul!(view(ws.gU, :, rows, l), ws.P, transpose(view(ws.S, rows, :, l)), cg, zero(T))
-    mul!(view(ws.gW, :, rows, l), view(ws.Z, :, :, l), transpose(view(ws.Tm, rows, :)), cg, zero(T))
-    mul!(view(ws.gb, rows, l), view(ws.Tm, rows, :), ws.ones_N, cg, zero(T))  # Σ_i T[m, i]
+# gU, gW, gb of layer l for the particles `rows`: cg times the chunk sums, in chunk order.
+function reduce_chunks!(ws::Workspace{T}, l, cg, rows) where {T}
+    nch = length(ws.chunks)
+    @inbounds for m in rows
+        for j in axes(ws.gU, 1)
+            u = zero(T)
+            w = zero(T)
+            for k in 1:nch
+                u += ws.gUp[j, m, k]
+                w += ws.gWp[j, m, k]
+            end
+            ws.gU[j, m, l] = cg * u
+            ws.gW[j, m, l] = cg * w
+        end
+        g = zero(T)
+        for k in 1:nch
+            g += ws.gbp[m, k]
+        end
+        ws.gb[m, l] = cg * g
+    end
     return nothing
 end
 

@@ -43,7 +43,7 @@ OPTIONS = {
 }
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=8).flatmap(
     lambda keys: st.fixed_dictionaries({k: OPTIONS[k] for k in keys})))
 def test_fuzzed_options_never_traceback(options: dict[str, object]) -> None:
@@ -70,7 +70,7 @@ def check_reader(path: Path) -> None:
     assert np.all(np.isfinite(data.x)) and np.all(np.isfinite(data.y)) and np.any(data.readout)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.binary(max_size=400), st.sampled_from([".npz", ".nc", ".csv"]))
 def test_random_bytes_in_data_files(content: bytes, ext: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +88,7 @@ arrays = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.dictionaries(st.sampled_from(["x", "y", "readout", "other"]), arrays, max_size=4))
 def test_structured_npz_files(contents: dict[str, np.ndarray]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +99,7 @@ def test_structured_npz_files(contents: dict[str, np.ndarray]) -> None:
         check_reader(path)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.lists(st.lists(st.one_of(floats.map(repr), garbage), max_size=4), max_size=5),
        st.sampled_from(["x0,x1,y", "x0,y", "y,x0", "x1,x0,y", "", "x0,x1,x2,y"]))
 def test_fuzzed_csv(rows: list[list[str]], header: str) -> None:
