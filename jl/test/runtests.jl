@@ -177,7 +177,7 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         # Threads.@threads): a fixed amount per layer, never an array of size N or M.
         if Threads.nthreads() == 1
             @test small == large
-            @test small <= 512 * 8
+            @test small <= 1024 * 8  # view wrappers: about half a KiB per layer
         else  # task objects and closures: a fixed count, whose size varies a little with scheduling
             @test abs(small - large) < 0.05 * small
             @test small < 16384 * 8
