@@ -135,7 +135,7 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
         raise ConfigError("--resume and --overwrite exclude each other")
     config = RunConfig(**(resume_options(options, out) if resume else options))
     backend = select(config.backend, config.threads, config.device, config.memory)
-    command = " ".join(shlex.quote(a) for a in ["mfres", *sys.argv[1:]])
+    command = _command_line()
     if quiet:
         result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume)
     else:
@@ -168,6 +168,11 @@ class _ProgressBar:
     def __call__(self, step: int, steps: int, loss: float, rate: float) -> None:
         self.bar.update(step - self.done, f"E={loss:.3e} {rate:,.0f} steps/s")
         self.done = step
+
+
+def _command_line() -> str:
+    """This process's command line, as the run and sweep files record it."""
+    return " ".join(shlex.quote(a) for a in ["mfres", *sys.argv[1:]])
 
 
 def _int_list(name: str, text: str) -> tuple[int, ...]:
@@ -218,7 +223,7 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
     spec = SweepSpec(_int_list("--depth", depth), _int_list("--width", width), seeds,
                      acts if len(acts) > 1 else (), inits if len(inits) > 1 else (), dss if len(dss) > 1 else (),
                      base)
-    command = " ".join(shlex.quote(a) for a in ["mfres", *sys.argv[1:]])
+    command = _command_line()
     if quiet:
         counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs, command=command)
     else:

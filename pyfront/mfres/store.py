@@ -346,7 +346,7 @@ class RunWriter:
         self.steps_written = start + n - 1
 
     def write_snapshot(self, step: int, theta: Particles, prediction: np.ndarray) -> None:
-        """Append a snapshot at ``step`` (particles, output, moments), save the full state, sync."""
+        """Append a snapshot at ``step`` (particles, output, moments) and save the full state (synced)."""
         k = self._n_snap
         sub = self.subset
 
@@ -368,8 +368,7 @@ class RunWriter:
 
         self._guard("a snapshot", write, nbytes=2 * theta.U.nbytes + theta.b.nbytes + 16 * prediction.size)
         self._n_snap += 1
-        self.sync(force=True)
-        self.save_state(step, theta)
+        self.save_state(step, theta)  # its sync flushes the snapshot too
 
     def save_state(self, step: int, theta: Particles) -> None:
         """Write the full state into the slot not in use, sync, then point ``state_step`` at it."""

@@ -152,14 +152,12 @@ def _on_grid(s: np.ndarray, values: np.ndarray, grid_s: np.ndarray) -> np.ndarra
 def _batched(options: dict[str, Any], seeds: Sequence[int], grid_s: np.ndarray
              ) -> tuple[np.ndarray, list[str], list[str]]:
     from .backends.numpy_backend import NumpyBackend
-    from .init import initial_particles
     from .model import Particles
-    from .train import prepare
+    from .train import initial_state, prepare
 
     cfg = RunConfig(**{**options, "seed": seeds[0], "backend": "numpy"})
-    data, _, problem = prepare(cfg)
-    nets = [initial_particles(cfg.init, cfg.depth, cfg.width, data.d, seed, cfg.init_scale, cfg.length_scale,
-                              np.dtype(cfg.dtype)) for seed in seeds]
+    data, first, problem = prepare(cfg)
+    nets = [first, *(initial_state(cfg, data.d, seed) for seed in seeds[1:])]
     theta = Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
     with np.errstate(all="ignore"):
         traj = NumpyBackend(cfg.memory).advance(theta, problem, cfg.ds, cfg.steps)

@@ -93,15 +93,18 @@ def check_memory(config: RunConfig, N: int, d: int) -> None:
                           f"of buffers; {avail / 2**30:.1f} GiB is available")
 
 
+def initial_state(config: RunConfig, d: int, seed: int | None = None) -> Particles:
+    """The initial particles of ``config`` (with ``seed`` in place of ``config.seed`` if given)."""
+    return initial_particles(config.init, config.depth, config.width, d, config.seed if seed is None else seed,
+                             config.init_scale, config.length_scale, np.dtype(config.dtype))
+
+
 def prepare(config: RunConfig) -> tuple[data_mod.TrainingData, Particles, Problem]:
     """The data set, the initial particles and the backend's problem for ``config``."""
     data = data_mod.load(config.data, config.samples, config.dim, config.data_seed)
     check_memory(config, data.N, data.d)
-    dtype = np.dtype(config.dtype)
-    theta = initial_particles(config.init, config.depth, config.width, data.d, config.seed,
-                              config.init_scale, config.length_scale, dtype)
-    problem = Problem.from_data(data, config.act, config.weight_decay, dtype)
-    return data, theta, problem
+    problem = Problem.from_data(data, config.act, config.weight_decay, np.dtype(config.dtype))
+    return data, initial_state(config, data.d), problem
 
 
 def resume_options(options: dict[str, Any], out: str) -> dict[str, Any]:
