@@ -252,32 +252,36 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
 @click.option("--eps", type=float, default=1e-3, show_default=True, help="Target loss ε.")
 @click.option("--eta", type=float, default=0.1, show_default=True, help="Failure probability η (target 1 − η).")
 @click.option("--at-s", "at_s", type=float, default=None, help="Pseudo-time of the analysis [default: the last].")
-@click.option("--reference", type=click.Choice(["deepest", "richardson"]), default="deepest", show_default=True,
-              help="Limit used for the depth bias: the deepest run, or Richardson extrapolation in 1/L.")
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="Confidence of the Wilson and bootstrap intervals.")
+@click.option("--boot", "n_boot", type=int, default=999, show_default=True, help="Seed-bootstrap resamples.")
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as a netCDF file.")
 @_guarded
-def analyze(sweep_file: str, eps: float, eta: float, at_s: float | None, reference: str, out: str | None) -> None:
-    """Size to ε, time to ε and convergence rates of a sweep file."""
-    import xarray as xr
-
+def analyze(sweep_file: str, eps: float, eta: float, at_s: float | None, confidence: float, n_boot: int,
+            out: str | None) -> None:
+    """Size and time to ε, the theorem's probability, convergence orders and the limit, of a sweep file."""
     from . import analysis
     from .store import open_run
 
     if not (eps > 0 and 0 < eta < 1):
         raise ConfigError("--eps must be positive and --eta in (0, 1)")
+    if not 0 < confidence < 1 or n_boot < 1:
+        raise ConfigError("--confidence must be in (0, 1) and --boot positive")
     sweep = open_run(sweep_file, load=True)
     if "status" not in sweep or "seed" not in sweep.dims:
         raise ConfigError(f"{sweep_file} is not a sweep file (made by mfres sweep)")
     try:
-        click.echo(analysis.report(sweep, eps, eta, at_s, reference))
-        if out:
-            size = analysis.size_to_eps(sweep, eps, eta, at_s)
-            rates = analysis.convergence_rates(sweep, at_s, reference)
-            xr.merge([size, rates], compat="override").to_netcdf(out)
-            click.echo(f"wrote {out}", err=True)
+        result = analysis.analyze(sweep, eps, eta, at_s, n_boot, confidence)
+        click.echo(analysis.report(sweep, eps, eta, at_s, n_boot, confidence, result=result))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if out:
+        try:
+            result.to_netcdf(out)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise StorageError(f"cannot write {out}: {e}") from None
+        click.echo(f"wrote {out}", err=True)
 
 
 @main.command()
