@@ -141,7 +141,7 @@ def order_from_differences(x: Any, mean: Any) -> Any:
 
     D_j = mean_j − mean_{j+1} = a (x_j^−p − x_{j+1}^−p). Constant ratio x_{j+1}/x_j: p is −(slope of
     log|D_j| against log x_j). Otherwise p minimises Σ_j (log|D_j| − log|a| − log|x_j^−p − x_{j+1}^−p|)²
-    (log|a| profiled out) over p ∈ [−2, 12]: a grid of step 0.01, then golden-section refinement.
+    (log|a| profiled out) over p ∈ [−2, 12]: a grid of step 0.05, then golden-section refinement.
     Other axes of ``mean`` are independent columns. NaN with fewer than two nonzero differences.
     """
     x = np.asarray(x, dtype=float)
@@ -162,10 +162,10 @@ def order_from_differences(x: Any, mean: Any) -> Any:
         mr = r.sum(axis=0) / np.maximum(cnt, 1)
         return (np.where(ok, r - mr, 0.0) ** 2).sum(axis=0)
 
-    grid = np.arange(-2.0, 12.0 + 1e-9, 0.01)
+    grid = np.arange(-2.0, 12.0 + 1e-9, 0.05)
     vals = np.stack([sse(np.full(ld.shape[1:], q)) for q in grid])
     best = grid[np.argmin(vals, axis=0)]
-    lo, hi = best - 0.01, best + 0.01
+    lo, hi = best - 0.05, best + 0.05
     g = (np.sqrt(5) - 1) / 2
     for _ in range(40):
         a, b = hi - g * (hi - lo), lo + g * (hi - lo)

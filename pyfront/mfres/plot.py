@@ -183,22 +183,35 @@ def clouds(ds: Any, at_s: list[float] | None = None) -> Any:
 
 
 # -- sweeps ---------------------------------------------------------------------------------
-def _grid_heatmap(ax: Any, da: Any, fmt: str, cmap: str, label: str, vmin: float | None = None,
-                  vmax: float | None = None) -> Any:
+def _grid_heatmap(ax: Any, da: Any, text: Any, cmap: str, label: str, norm: Any = None,
+                  special: Any = None) -> Any:
+    """A (depth, width) heatmap; ``text(i, j, v)`` labels each cell; ``special`` marks cells drawn hatched grey."""
+    plt = _plt()
     depths, widths = da["depth"].values, da["width"].values
-    vals = da.transpose("depth", "width").values
-    mesh = ax.imshow(vals, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+    vals = da.transpose("depth", "width").values.astype(float)
+    shown = np.where(np.isfinite(vals), vals, np.nan)
+    cm = plt.get_cmap(cmap).copy()
+    cm.set_bad("white")
+    mesh = ax.imshow(np.ma.masked_invalid(shown), origin="lower", aspect="auto", cmap=cm, norm=norm)
+    if special is not None:
+        for i, j in zip(*np.nonzero(special), strict=True):
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.6", edgecolor="0.3", hatch="//",
+                                       linewidth=0))
+    ax.set_xlim(-0.5, len(widths) - 0.5)
+    ax.set_ylim(-0.5, len(depths) - 0.5)
     ax.set_xticks(range(len(widths)), [str(w) for w in widths])
     ax.set_yticks(range(len(depths)), [str(d) for d in depths])
-    ax.set_xlabel("width M")
-    ax.set_ylabel("depth L")
+    ax.set_xlabel(r"width $M$")
+    ax.set_ylabel(r"depth $L$")
     for i in range(len(depths)):
         for j in range(len(widths)):
             v = vals[i, j]
-            r, g, b_, _ = mesh.cmap(mesh.norm(v)) if np.isfinite(v) else (1, 1, 1, 1)
-            dark = 0.299 * r + 0.587 * g + 0.114 * b_ < 0.5
-            ax.text(j, i, "–" if not np.isfinite(v) else format(v, fmt), ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
+            if np.isfinite(v):
+                r, g, b_, _ = mesh.cmap(mesh.norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b_ < 0.5
+            else:
+                dark = False
+            ax.text(j, i, text(i, j, v), ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.figure.colorbar(mesh, ax=ax, label=label)
     return mesh
 
@@ -208,75 +221,178 @@ def _first_case(da: Any) -> Any:
     return da.isel({d: 0 for d in extra}) if extra else da
 
 
+def _case_note(sweep: Any) -> str:
+    extra = analysis._extra_dims(sweep["loss"])
+    return "" if not extra else " (first " + ", ".join(f"{d} = {sweep[d].values[0]}" for d in extra) + ")"
+
+
 def success(sweep: Any, eps: float, eta: float, at_s: float | None = None) -> Any:
-    """Fraction of seeds reaching loss < ε over the (L, M) grid, and the median time to ε."""
+    """Three (L, M) heatmaps at s: P(E < ε) and the theorem's P(|E − E_∞| ≤ ε) (fraction, and the Wilson
+    lower bound judged against 1 − η), and the median time to ε over all seeds ("never" hatched)."""
+    from matplotlib.colors import LogNorm, Normalize
+
     plt = _plt()
-    res = analysis.size_to_eps(sweep, eps, eta, at_s)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    _grid_heatmap(axes[0], _first_case(res["success"]), ".2f", "viridis", f"P(loss < {eps:g})", 0, 1)
-    axes[0].set_title(f"success probability at s = {res.attrs['s']:g} (target 1 − η = {1 - eta:g})", fontsize=9)
+    res = analysis.analyze(sweep, eps, eta, at_s, n_boot=199)
+    conf = res.attrs["confidence"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for ax, key, title in ((axes[0], "success", r"$P(E_{L,M}(s) < \varepsilon)$"),
+                           (axes[1], "near_limit", r"$P(|E_{L,M}(s) - E_\infty(s)| \leq \varepsilon)$")):
+        frac, lo = _first_case(res[key]), _first_case(res[key + "_lo"]).transpose("depth", "width").values
+        n = _first_case(res["trials"]).transpose("depth", "width").values
+
+        def text(i: int, j: int, v: float, lo: np.ndarray = lo, n: np.ndarray = n) -> str:
+            if not np.isfinite(v):
+                return "no trials"
+            mark = " ✓" if lo[i, j] >= 1 - eta - 1e-9 else ""
+            return f"{v:.2f} (n={int(n[i, j])})\n≥ {lo[i, j]:.2f}{mark}"
+
+        _grid_heatmap(ax, frac, text, "viridis", title, Normalize(0, 1))
+        ax.set_title(f"{title} at $s$ = {res.attrs['s']:g}, $\\varepsilon$ = {eps:g}\n"
+                     f"fraction, {conf:.0%} Wilson lower bound; ✓: bound ≥ 1 − η = {1 - eta:g}", fontsize=8)
     med = _first_case(res["s_eps_median"])
-    finite = med.values[np.isfinite(med.values)]
-    _grid_heatmap(axes[1], med, ".4g", "viridis_r", "median s_ε", 0,
-                  float(finite.max()) if finite.size else 1.0)
-    axes[1].set_title(f"median pseudo-time to reach loss {eps:g}", fontsize=9)
-    fig.suptitle(sweep_title(sweep), fontsize=9)
+    vals = med.values
+    finite = vals[np.isfinite(vals) & (vals > 0)]
+    if finite.size and finite.max() / finite.min() > 10:
+        norm = LogNorm(finite.min(), finite.max())
+    else:
+        lo_, hi_ = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(lo_, hi_ if hi_ > lo_ else lo_ + 1)
+    s_max = res.attrs["s"]
+    raw = med.transpose("depth", "width").values
+    never = np.isinf(raw)
+
+    def ttext(i: int, j: int, v: float) -> str:
+        v = raw[i, j]
+        return f"> {s_max:g}\n(never)" if np.isinf(v) else ("–" if np.isnan(v) else f"{v:.3g}")
+
+    _grid_heatmap(axes[2], med.where(np.isfinite(med)), ttext, "viridis_r", r"median $s_\varepsilon$", norm,
+                  special=never)
+    axes[2].set_title(f"median over all seeds of the first $s$ with $E < \\varepsilon$\n"
+                      f"hatched: half or more never by $s$ = {s_max:g}", fontsize=8)
+    fig.suptitle(sweep_title(sweep) + _case_note(sweep), fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def _points_and_fit(ax: Any, x: np.ndarray, y: np.ndarray, color: Any, label: str) -> None:
-    """Points on log-log axes and their fitted power law, labelled with slope and 95 % interval."""
-    ax.loglog(x, y, "o", color=color, label=label)
-    fit = analysis.fit_loglog(x, y)
-    if np.isfinite(fit.slope):
-        xs = np.array([x.min(), x.max()])
-        lo, hi = fit.ci
-        ax.loglog(xs, fit.predict(xs), "-", color=color, alpha=0.7,
-                  label=f"fit slope {fit.slope:.2f} [{lo:.2f}, {hi:.2f}]")
+def _guide(ax: Any, x: np.ndarray, x0: float, y0: float, slope: float, label: str) -> None:
+    xs = np.array([x.min(), x.max()], dtype=float)
+    ax.loglog(xs, y0 * (xs / x0) ** slope, "k--", alpha=0.5, label=label)
 
 
-def rates(sweep: Any, at_s: float | None = None, reference: str = "deepest") -> Any:
-    """Convergence to the mean-field limit: depth bias against L and seed spread against M,
-    log-log, with fitted lines and the theory's slopes −1 and −1/2."""
-    plt = _plt()
-    r = analysis.convergence_rates(sweep, at_s, reference)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    bias = _first_case(r["depth_bias"])
-    spread = _first_case(r["width_spread"])
-    depths = sweep["depth"].values.astype(float)
-    widths = sweep["width"].values.astype(float)
-    cmap = plt.get_cmap("viridis")
-    depth_study = len(depths) >= (3 if reference == "deepest" else 2)
-    for j, M in enumerate(bias["width"].values if depth_study else []):
-        _points_and_fit(axes[0], depths, bias.sel(width=M).values, cmap(j / max(1, len(widths) - 1)), f"M={M}")
-    if not depth_study:
-        axes[0].text(0.5, 0.5, f"{len(depths)} depth(s): too few for a depth study", ha="center", va="center",
-                     transform=axes[0].transAxes)
-    axes[0].set_xlabel("depth L")
-    axes[0].set_ylabel(f"|mean loss − limit| ({reference})")
-    axes[0].set_title(f"depth bias at s = {r.attrs['s']:g} (theory slope −1)", fontsize=9)
-    for j, L in enumerate(spread["depth"].values if len(widths) >= 2 else []):
-        _points_and_fit(axes[1], widths, spread.sel(depth=L).values, cmap(j / max(1, len(depths) - 1)), f"L={L}")
-    if len(widths) >= 2:
-        ref_y = np.nanmax(spread.values) if np.isfinite(spread.values).any() else 1.0
-        axes[1].loglog(widths, ref_y * (widths / widths.min()) ** -0.5, "k--", alpha=0.5, label="slope −1/2")
-    else:
-        axes[1].text(0.5, 0.5, "one width: too few for a width study", ha="center", va="center",
-                     transform=axes[1].transAxes)
-    axes[1].set_xlabel("width M")
-    axes[1].set_ylabel("std of the loss over seeds")
-    axes[1].set_title(f"seed-to-seed spread at s = {r.attrs['s']:g} (theory slope −1/2)", fontsize=9)
+def _log_ticks(ax: Any, ticks: np.ndarray) -> None:
     from matplotlib.ticker import NullFormatter
 
-    for ax, ticks in ((axes[0], depths), (axes[1], widths)):
+    ax.grid(True, which="both", alpha=0.3)
+    if len(ticks):
+        ax.set_xticks(ticks, [str(int(v)) for v in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+
+
+def rates(sweep: Any, at_s: float | None = None, reference: str | None = None) -> Any:
+    """Convergence to the mean-field limit, log-log: |Ē_L − Ē_L'| of successive depths against L (slope −p,
+    theory −1) and the seed spread against M (theory −1/2), with fits, seed-bootstrap intervals and the
+    theory's slopes. Only the panels the grid supports are drawn. (``reference`` is ignored: the depth
+    order needs no limit.)"""
+    plt = _plt()
+    r = analysis.convergence_rates(sweep, at_s)
+    conf = r.attrs["confidence"]
+    depths = np.sort(sweep["depth"].values.astype(float))
+    widths = np.sort(sweep["width"].values.astype(float))
+    panels = (["depth"] if len(depths) >= 3 else []) + (["width"] if len(widths) >= 2 else [])
+    if not panels:
+        raise ValueError("a rates figure needs at least 3 depths or 2 widths")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, kind in zip(axes[0], panels, strict=True):
+        if kind == "depth":
+            diff = _first_case(r["depth_difference"])
+            for j, M in enumerate(np.sort(diff["width"].values)):
+                y = diff.sel(width=M).sortby("depth").values[:-1]
+                x = depths[:-1]
+                pt = _first_case(r).sel(width=M)
+                color = cmap(j / max(1, len(widths) - 1))
+                ax.loglog(x, y, "o", color=color)
+                fit = analysis.fit_loglog(x, y)
+                if np.isfinite(fit.slope):
+                    ax.loglog(x, fit.predict(x), "-", color=color, alpha=0.7,
+                              label=f"$M$={M}: $p$ = {float(pt['depth_order']):.2f} "
+                                    f"[{float(pt['depth_order_lo']):.2f}, {float(pt['depth_order_hi']):.2f}]")
+            ref = _first_case(r["depth_difference"]).sel(width=widths.max()).sortby("depth").values[:-1]
+            if np.isfinite(ref).any():
+                k = int(np.flatnonzero(np.isfinite(ref))[0])
+                _guide(ax, depths[:-1], depths[k], ref[k], analysis.THEORY_DEPTH_SLOPE, "theory slope −1")
+            ax.set_xlabel(r"depth $L$ (pairs $L_j, L_{j+1}$ at $L_j$)")
+            ax.set_ylabel(r"$|\bar E_{L_j} - \bar E_{L_{j+1}}|$ (seed mean)")
+            ax.set_title(f"depth order at $s$ = {r.attrs['s']:g}: $E_L - E_\\infty \\sim L^{{-p}}$, theory $p$ = 1\n"
+                         f"{conf:.0%} seed-bootstrap intervals", fontsize=8)
+            _log_ticks(ax, depths[:-1])
+        else:
+            spread = _first_case(r["width_spread"])
+            for j, L in enumerate(np.sort(spread["depth"].values)):
+                y = spread.sel(depth=L).sortby("width").values
+                pt = _first_case(r).sel(depth=L)
+                color = cmap(j / max(1, len(depths) - 1))
+                ax.loglog(widths, y, "o", color=color)
+                fit = analysis.fit_loglog(widths, y)
+                if np.isfinite(fit.slope):
+                    ax.loglog(widths, fit.predict(widths), "-", color=color, alpha=0.7,
+                              label=f"fit slope {float(pt['width_slope']):.2f} "
+                                    f"[{float(pt['width_slope_lo']):.2f}, {float(pt['width_slope_hi']):.2f}], $L$={L}")
+            top = spread.sel(depth=spread["depth"].values.max()).sortby("width").values
+            if np.isfinite(top).any():
+                k = int(np.flatnonzero(np.isfinite(top))[0])
+                _guide(ax, widths, widths[k], top[k], analysis.THEORY_WIDTH_SLOPE, "slope −1/2")
+            ax.set_xlabel(r"width $M$")
+            ax.set_ylabel(r"std of $E_{L,M}(s)$ over seeds")
+            w = _first_case(r)
+            ax.set_title(f"seed spread at $s$ = {r.attrs['s']:g} (theory slope −1/2); pooled slope "
+                         f"{float(w['width_order']):.2f} [{float(w['width_order_lo']):.2f}, "
+                         f"{float(w['width_order_hi']):.2f}]", fontsize=8)
+            _log_ticks(ax, widths)
+    fig.suptitle(sweep_title(sweep) + _case_note(sweep), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def size(sweep: Any, eta: float, at_s: float | None = None) -> Any:
+    """The size the theorem needs, log-log: the ε reached with (empirical) probability 1 − η,
+    |E_{L,M}(s) − E_∞(s)| ≤ ε, against M at the deepest L (M_min ~ ε^−2) and against L at the widest M
+    (L_min ~ ε^−1), with fitted exponents, seed-bootstrap intervals and the theory's slopes."""
+    plt = _plt()
+    res = analysis.limit_probability(sweep, 1.0, eta, at_s)
+    conf = res.attrs["confidence"]
+    q = _first_case(res["eps_reached"])
+    g = _first_case(res)
+    panels = [("width", q.sel(depth=q["depth"].values.max()).sortby("width"), "size_width_slope",
+               analysis.THEORY_SIZE_WIDTH, r"$M$", f"deepest $L$ = {int(q['depth'].values.max())}"),
+              ("depth", q.sel(width=q["width"].values.max()).sortby("depth"), "size_depth_slope",
+               analysis.THEORY_SIZE_DEPTH, r"$L$", f"widest $M$ = {int(q['width'].values.max())}")]
+    panels = [p for p in panels if p[1].sizes[p[0]] >= 2]
+    if not panels:
+        raise ValueError("a size figure needs at least 2 depths or 2 widths")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    for ax, (dim, eps_q, key, theory, sym, where) in zip(axes[0], panels, strict=True):
+        sizes = eps_q[dim].values.astype(float)
+        e = eps_q.values
+        ax.loglog(e, sizes, "o", color="C0", label="grid points")
+        fit = analysis.fit_loglog(e, sizes)
+        if np.isfinite(fit.slope):
+            xs = np.sort(e[np.isfinite(e) & (e > 0)])
+            ax.loglog(xs, fit.predict(xs), "-", color="C0", alpha=0.7,
+                      label=f"fit exponent {float(g[key]):.2f} [{float(g[key + '_lo']):.2f}, "
+                            f"{float(g[key + '_hi']):.2f}]")
+            k = int(np.argmax(sizes * np.isfinite(e)))
+            _guide(ax, xs, e[k], sizes[k], theory, f"theory exponent {theory:g}")
+        ax.set_xlabel(r"$\varepsilon$ reached: $|E_{L,M}(s) - E_\infty(s)| \leq \varepsilon$ w.p. "
+                      f"$1-\\eta$ = {1 - eta:g}")
+        ax.set_ylabel(sym + r"$_{\min}(\varepsilon)$")
+        ax.set_title(f"{sym}$_{{\\min}}(\\varepsilon)$ at {where}, $s$ = {res.attrs['s']:g}\n"
+                     f"{conf:.0%} seed-bootstrap interval", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-        if len(ticks):
-            ax.set_xticks(ticks, [str(int(v)) for v in ticks])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        if ax.get_lines():
-            ax.legend(fontsize=7)
-    fig.suptitle(sweep_title(sweep), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(sweep_title(sweep) + _case_note(sweep), fontsize=9)
     fig.tight_layout()
     return fig
 
