@@ -64,7 +64,7 @@ def t_quantile(dof: int, confidence: float = CONFIDENCE) -> float:
 
 
 def wilson(k: Any, n: Any, confidence: float = CONFIDENCE) -> tuple[Any, Any]:
-    """Wilson score interval for k successes in n trials (``scipy.stats.binomtest``); arrays broadcast, NaN where n = 0."""
+    """Wilson score interval for k successes in n trials (``scipy.stats.binomtest``); arrays broadcast, NaN if n = 0."""
     from scipy import stats
 
     k, n = np.broadcast_arrays(np.asarray(k, dtype=np.int64), np.asarray(n, dtype=np.int64))
@@ -295,7 +295,7 @@ def _assemble(sweep: Any, per_case: list[tuple[dict[str, Any], dict[str, tuple[t
 
 # -- time to ε and success -----------------------------------------------------------------------
 def time_to_eps(sweep: Any, eps: float, s: float | None = None) -> Any:
-    """s_ε per run: the first grid pseudo-time ≤ s (default: the last) with loss < ε; +inf if never, NaN if not a trial."""
+    """s_ε per run: the first grid pseudo-time ≤ s (default: the last) with loss < ε; +inf if never, NaN: no trial."""
     import xarray as xr
 
     s_max = s_of(sweep, s)
@@ -436,7 +436,7 @@ def convergence_rates(sweep: Any, s: float | None = None, n_boot: int = N_BOOT,
             lspread = _log(spread)
             wsl = ols_slope(np.log(M), np.swapaxes(lspread, 0, 1))  # (depth[, B])
             bord = np.atleast_1d(order_from_differences(M, np.swapaxes(mean, 0, 1)))
-            flat = lspread.reshape((L.size * M.size,) + lspread.shape[2:])
+            flat = lspread.reshape((L.size * M.size, *lspread.shape[2:]))
             iid = ols_slope(np.log(np.outer(L, M).ravel()), flat)
             lim = _limit(L, M, mean)
             return np.concatenate([dord, wsl, bord, _pooled_width_slope(M, spread)[None], iid[None], lim])
@@ -528,7 +528,7 @@ def limit_probability(sweep: Any, eps: float, eta: float, s: float | None = None
         est, blo, bhi = bootstrap(stat, Y.shape[-1], n_boot, confidence)
         q = _eps_quantile(dev, eta)
 
-        def back(a: np.ndarray) -> np.ndarray:
+        def back(a: np.ndarray, oL: np.ndarray = oL, oM: np.ndarray = oM) -> np.ndarray:
             return _unsort(_unsort(a, oL, 0), oM, 1)
 
         with np.errstate(invalid="ignore"):
@@ -641,7 +641,7 @@ def particles_at(run: Any, s: float, layer: int | None = None, t: float | None =
     L = ds.sizes["layer"]
     if (layer is None) == (t is None):
         raise ValueError("give exactly one of layer and t")
-    l = int(layer) if layer is not None else min(int(math.floor(float(t) * L + 1e-9)), L - 1)
+    l = int(layer) if layer is not None else min(math.floor(float(t) * L + 1e-9), L - 1)
     if not 0 <= l < L:
         raise ValueError(f"layer {l} is outside 0..{L - 1}")
     U, W, b = (ds[v].values[i, l] for v in ("U", "W", "b"))
@@ -727,9 +727,9 @@ def report(sweep: Any, eps: float, eta: float, s: float | None = None, n_boot: i
                 pt = g.sel(depth=L, width=M)
                 lines.append(
                     f"  {L:>5} {M:>6} {int(pt['trials']):>3}  {float(pt['success']):>6.2f} "
-                    f"{'[%.2f, %.2f]' % (float(pt['success_lo']), float(pt['success_hi'])):>15}  "
+                    f"{_pair(pt['success_lo'], pt['success_hi']):>15}  "
                     f"{float(pt['near_limit']):>13.2f} "
-                    f"{'[%.2f, %.2f]' % (float(pt['near_limit_lo']), float(pt['near_limit_hi'])):>15}  "
+                    f"{_pair(pt['near_limit_lo'], pt['near_limit_hi']):>15}  "
                     f"{_fmt_time(float(pt['s_eps_median']), s_used):>10}  {float(pt['eps_reached']):>9.3g}  "
                     f"{_flags(pt)}")
         lines.append("")
@@ -762,9 +762,8 @@ def report(sweep: Any, eps: float, eta: float, s: float | None = None, n_boot: i
         if nM >= 3:
             for L in g["depth"].values:
                 pt = g.sel(depth=L)
-                lines.append(f"    width bias order q (Ē_M − Ē_∞ ~ M^-q), L = {L}: "
-                             f"{_iv(float(pt['width_bias_order']), pt['width_bias_order_lo'], pt['width_bias_order_hi'])}"
-                             f"   theory {THEORY_BIAS_ORDER:g}")
+                q = _iv(float(pt["width_bias_order"]), pt["width_bias_order_lo"], pt["width_bias_order_hi"])
+                lines.append(f"    width bias order q (Ē_M − Ē_∞ ~ M^-q), L = {L}: {q}   theory {THEORY_BIAS_ORDER:g}")
         init = labels.get("init", sweep.attrs.get("init", "iid"))
         if init == "iid" and nL * nM >= 3 and nL >= 2:
             lines.append(f"    iid: seed spread vs L·M: slope "
@@ -781,6 +780,10 @@ def report(sweep: Any, eps: float, eta: float, s: float | None = None, n_boot: i
     lines += ["", "health: div = diverged, fail = failed, miss = missing, runaway = E > 1e6·E(0) or not finite, "
               "E↑ = runs whose E rose between grid points"]
     return "\n".join(lines)
+
+
+def _pair(lo: Any, hi: Any) -> str:
+    return f"[{float(lo):.2f}, {float(hi):.2f}]"
 
 
 def _opt(v: float) -> str:
