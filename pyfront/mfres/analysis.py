@@ -37,6 +37,7 @@ RNG seed ``BOOT_SEED``, so an analysis is reproducible).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -777,9 +778,28 @@ def report(sweep: Any, eps: float, eta: float, s: float | None = None, n_boot: i
             lines.append(f"    size: L_min(ε) ~ ε^c at M = {int(sweep['width'].max())}: c = "
                          f"{_iv(float(g['size_depth_slope']), g['size_depth_slope_lo'], g['size_depth_slope_hi'])}"
                          f"   theory {THEORY_SIZE_DEPTH:g}")
+        Lx, Mx = int(sweep["depth"].max()), int(sweep["width"].max())
+        sub = sub_of(sweep, labels)
+        one = sub["loss"].where(trials(sub)).sel(depth=Lx, width=Mx)
+        svals = sweep["s"].values
+        keep = svals <= s_used + 1e-12 * max(1.0, s_used)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(one.transpose("seed", "step").values, axis=0)
+        fit = decay_fit(svals[keep], med[keep])
+        if np.isfinite(fit["alpha"]):
+            better = "power law" if fit["alpha_resid"] < fit["rate_resid"] else "exponential"
+            lines.append(f"    decay of the seed-median E(s) at L = {Lx}, M = {Mx}, s ∈ [{s_used / 2:g}, {s_used:g}]: "
+                         f"E ~ s^-{fit['alpha']:.3g} (log-residual {fit['alpha_resid']:.2g}) or "
+                         f"E ~ exp(-{fit['rate']:.3g} s) (log-residual {fit['rate_resid']:.2g}); {better} fits better")
     lines += ["", "health: div = diverged, fail = failed, miss = missing, runaway = E > 1e6·E(0) or not finite, "
               "E↑ = runs whose E rose between grid points"]
     return "\n".join(lines)
+
+
+def sub_of(sweep: Any, labels: dict[str, Any]) -> Any:
+    """The sub-sweep of one case of the extra swept dimensions."""
+    return sweep.sel(labels) if labels else sweep
 
 
 def _pair(lo: Any, hi: Any) -> str:
