@@ -1,12 +1,12 @@
 """Example 4: how deep and wide a net must be to reach loss ε with probability 1 − η, and the theorem's own statement.
 
 A sweep on a local Dask cluster over L ∈ {2, 4, 8, 16}, M ∈ {4, 16, 64, 256} with 20 seeds
-each (``smooth`` initialisation), trained to s = 600 (300 steps of Δs = 2) on the sphere data
-(d = 2, N = 16). At s = 600 it reports, per (L, M): the fraction of seeds with E < ε = 5e-5
+each (``smooth`` initialisation), trained to s = 200 (200 steps of Δs = 1) on the sphere data
+(d = 2, N = 16). At s = 200 it reports, per (L, M): the fraction of seeds with E < ε = 2.5e-4
 and with |E − E_∞| ≤ ε (the probability the theorem bounds), each with its 95 % Wilson
 interval; the smallest sizes whose Wilson lower bound reaches 1 − η = 0.75 (20 seeds: 19 of
 20 needed), beside the raw fraction's answer; the median over all seeds of the time to ε
-(never = +inf, "> 600"); the limit E_∞(600) with a seed-bootstrap band; the ε reached with
+(never = +inf, "> 200"); the limit E_∞(200) with a seed-bootstrap band; the ε reached with
 probability 1 − η and the exponents of M_min(ε) and L_min(ε) (theory −2 and −1).
 Writes figures/size_for_eps.png (success), figures/size_for_eps_size.png and the sweep file.
 
@@ -23,7 +23,7 @@ import mfres.analysis as analysis
 from mfres import plot
 from mfres.sweep import SweepSpec, open_sweep, run_sweep
 
-EPS, ETA = 5e-5, 0.25
+EPS, ETA = 2.5e-4, 0.25
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
     spec = SweepSpec(depths=(2, 4, 8, 16), widths=(4, 16, 64, 256), seeds=20,
-                     base={"steps": 300, "ds": 2.0, "data": "sphere", "dim": 2, "samples": 16, "init": "smooth"})
+                     base={"steps": 200, "ds": 1.0, "data": "sphere", "dim": 2, "samples": 16, "init": "smooth"})
     path = os.path.join(a.out, "size_for_eps.nc")
     if os.path.exists(path):  # a fresh sweep, not the completion of an old one
         os.remove(path)

@@ -746,9 +746,12 @@ def report(sweep: Any, eps: float, eta: float, s: float | None = None, n_boot: i
         if nL >= 3:
             for M in g["width"].values:
                 pt = g.sel(width=M)
+                steps = np.diff(pt["mean"].sortby("depth").values)
+                warn = "" if (np.all(steps > 0) or np.all(steps < 0)) else \
+                    "   (the seed-mean is not monotone in L: the order is ill-defined here)"
                 lines.append(f"    depth order p (E_L − E_∞ ~ L^-p), M = {M}: "
                              f"{_iv(float(pt['depth_order']), pt['depth_order_lo'], pt['depth_order_hi'])}"
-                             f"   theory {THEORY_DEPTH_ORDER:g}")
+                             f"   theory {THEORY_DEPTH_ORDER:g}{warn}")
         else:
             lines.append(f"    depth order: needs ≥ 3 depths (has {nL})")
         if nM >= 2:
