@@ -320,8 +320,8 @@ def rates(sweep: Any, at_s: float | None = None, reference: str | None = None) -
                               label=f"$M$={M}: $p$ = {float(pt['depth_order']):.2f} "
                                     f"[{float(pt['depth_order_lo']):.2f}, {float(pt['depth_order_hi']):.2f}]")
             ref = _first_case(r["depth_difference"]).sel(width=widths.max()).sortby("depth").values[:-1]
-            if np.isfinite(ref).any():
-                k = int(np.flatnonzero(np.isfinite(ref))[0])
+            if np.isfinite(ref).any():  # through the deepest pair: the asymptotic end
+                k = int(np.flatnonzero(np.isfinite(ref))[-1])
                 _guide(ax, depths[:-1], depths[k], ref[k], analysis.THEORY_DEPTH_SLOPE, "theory slope −1")
             ax.set_xlabel(r"depth $L$ (pairs $L_j, L_{j+1}$ at $L_j$)")
             ax.set_ylabel(r"$|\bar E_{L_j} - \bar E_{L_{j+1}}|$ (seed mean)")
