@@ -104,8 +104,14 @@ def fit_loglog(x: Any, y: Any) -> Fit:
     n = int(ok.sum())
     if n < 2 or np.ptp(np.log(x[ok])) == 0:
         return Fit(float("nan"), float("nan"), float("nan"), n)
-    r = stats.linregress(np.log(x[ok]), np.log(y[ok]))
-    return Fit(float(r.slope), float(r.intercept), float(r.stderr) if n > 2 else float("nan"), n)
+    lx, ly = np.log(x[ok]), np.log(y[ok])
+    r = stats.linregress(lx, ly)
+    if n == 2:
+        return Fit(float(r.slope), float(r.intercept), float("nan"), n)
+    # the slope's standard error from the residuals (linregress's 1 − r² form loses digits near a perfect fit)
+    resid = ly - (r.intercept + r.slope * lx)
+    stderr = float(np.sqrt(resid @ resid / (n - 2) / np.sum((lx - lx.mean()) ** 2)))
+    return Fit(float(r.slope), float(r.intercept), stderr, n)
 
 
 def ols_slope(x: Any, y: Any) -> Any:
