@@ -328,7 +328,7 @@ def test_driver_killed_at_write_syscalls(tmp_path: Path, reference: xr.Dataset, 
     """SIGKILL injected at the k-th write-type syscall: the file opens, a re-run completes it bitwise."""
     total = syscall_count(tmp_path, syscall)
     assert total >= 8, total
-    points = sorted({1, 2, total // 3, total // 2, (3 * total) // 4, total - 1, total})
+    points = sorted({1, 2, total // 2, (3 * total) // 4, total})
     for k in points:
         out = tmp_path / f"kill-{syscall}-{k}.nc"
         res = drive(out, prefix=("strace", "-f", "-qq", "-o", "/dev/null", "-e",
@@ -397,7 +397,11 @@ def dask_reference(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
 def _workers_of(pid: int) -> list[int]:
     """The Dask worker processes spawned by the driver ``pid``."""
     out = []
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+    children = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # (a child is listed under the thread that forked it)
+        with contextlib.suppress(OSError):
+            children.update((task / "children").read_text().split())
+    for child in children:
         with contextlib.suppress(OSError):
             if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
                 out.append(int(child))
@@ -421,6 +425,8 @@ def test_dask_driver_and_workers_killed(tmp_path: Path, dask_reference: xr.Datas
     proc.communicate(timeout=120)
     assert killed >= 1
     assert_consistent(out)
+    status = open_sweep(str(out))["status"].values.astype(str)
+    print(f"{killed} worker kills; then {dict(zip(*np.unique(status, return_counts=True), strict=True))}")
     # the driver itself killed mid-sweep, with its workers: no process survives it
     proc = subprocess.Popen([*CLI, "sweep", *DASK_SWEEP, "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

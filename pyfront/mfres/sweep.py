@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,7 +203,9 @@ def _quiet_dask() -> Iterator[None]:
     old = os.environ.get("DASK_LOGGING__DISTRIBUTED")
     os.environ["DASK_LOGGING__DISTRIBUTED"] = "critical"
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="distributed")  # "Port 8787 is already in use", ...
+            yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
@@ -250,7 +253,7 @@ def _local_cluster(workers: int) -> Any:
     from dask.distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, silence_logs=logging.CRITICAL)
+                           dashboard_address=":0", silence_logs=logging.CRITICAL)  # (no fixed port to collide)
     return Client(cluster), cluster
 
 
