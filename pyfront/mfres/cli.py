@@ -217,7 +217,7 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
           out: str, overwrite: bool, quiet: bool, activation: str, init: str, ds: str, backend: str,
           **options: Any) -> None:
     """Run a grid of nets over depth, width and seeds on Dask; write one sweep file."""
-    from .sweep import SweepSpec, run_sweep
+    from .sweep import SweepSpec
 
     acts, inits = _list(activation), _list(init)
     try:
@@ -233,6 +233,22 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
                      base)
     kwargs: dict[str, Any] = {"workers": workers, "scheduler": scheduler, "backend": backend,
                               "keep_runs": keep_runs, "overwrite": overwrite, "command": _command_line()}
+    try:
+        counts = _sweep_with_progress(spec, out, quiet, kwargs)
+    except KeyboardInterrupt:
+        raise RunStopped(f"interrupted; every finished run is kept in {out}; run the same command again "
+                         "to complete the sweep") from None
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    click.echo(f"{summary}; wrote {out}", err=True)
+    left = counts.get("missing", 0) + counts.get("failed", 0)
+    if left:
+        raise RunStopped(f"{left} runs are missing or failed (see the file's message variable); "
+                         "run the same command again to redo them")
+
+
+def _sweep_with_progress(spec: Any, out: str, quiet: bool, kwargs: dict[str, Any]) -> dict[str, int]:
+    from .sweep import run_sweep
+
     if quiet:
         counts = run_sweep(spec, out, **kwargs)
     else:
@@ -249,12 +265,7 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
 
         with bar:
             counts = run_sweep(spec, out, progress=progress, **kwargs)
-    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-    click.echo(f"{summary}; wrote {out}", err=True)
-    left = counts.get("missing", 0) + counts.get("failed", 0)
-    if left:
-        raise RunStopped(f"{left} runs are missing or failed (see the file's message variable); "
-                         "run the same command again to redo them")
+    return counts
 
 
 @main.command()

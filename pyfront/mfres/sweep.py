@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import json
 import logging
+import numbers
 import os
 import threading
 import time
@@ -39,8 +40,8 @@ import numpy as np
 
 from . import __version__
 from .config import RunConfig
-from .errors import ConfigError, MfresError, StorageError
-from .sweep_store import RUN_VARIABLES, STATUSES, SweepStore, check_regular, parts_dir
+from .errors import BackendError, ConfigError, MfresError, StorageError
+from .sweep_store import RUN_VARIABLES, STATUSES, SweepStore, check_regular
 from .sweep_store import read as _read
 
 SWEPT = ("activation", "init", "ds")  # optional grid dimensions, outermost first
@@ -76,8 +77,9 @@ class SweepSpec:
     def __post_init__(self) -> None:
         if not self.depths or not self.widths:
             raise ConfigError("a sweep needs at least one depth and one width")
-        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, numbers.Integral) or self.seeds < 1:
             raise ConfigError(f"seeds must be a positive number of seeds per grid point, got {self.seeds!r}")
+        object.__setattr__(self, "seeds", int(self.seeds))
         for k in ("depth", "width"):
             if k in self.base:
                 raise ConfigError(f"{k} is a sweep dimension, not a shared option")
@@ -252,9 +254,13 @@ def _connect(address: str, timeout: float) -> Any:
 def _local_cluster(workers: int) -> Any:
     from dask.distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=":0", silence_logs=logging.CRITICAL)  # (no fixed port to collide)
-    return Client(cluster), cluster
+    try:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=":0", silence_logs=logging.CRITICAL)  # (no fixed port to collide)
+        return Client(cluster), cluster
+    except Exception as e:  # a worker killed while starting, no free port, ...
+        raise BackendError(f"cannot start a local Dask cluster of {workers} workers ({type(e).__name__}: {e}); "
+                           "the finished runs are kept: run the same command again") from None
 
 
 def _check_workers(workers: Any, scheduler: str | None) -> int | None:
@@ -346,9 +352,7 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
         with _quiet_dask():
             client = _connect(scheduler, connect_timeout)
     try:
-        if overwrite:
-            _remove(out)
-        store = SweepStore(out, spec.dims, spec.grid_s, spec.identity(), attrs, command)
+        store = SweepStore(out, spec.dims, spec.grid_s, spec.identity(), attrs, command, overwrite=overwrite)
     except BaseException:
         if client is not None:
             with contextlib.suppress(Exception):
@@ -414,7 +418,15 @@ def _results(spec: SweepSpec, todo: list[tuple[dict[str, Any], list[int]]], work
             client, cluster = _local_cluster(workers)
         try:
             futures = {client.submit(run_task, *args(g, redo), pure=False): (g, redo) for g, redo in todo}
-            for fut in as_completed(futures):
+            finished = as_completed(futures)
+            while True:
+                try:
+                    fut = next(finished)
+                except StopIteration:
+                    break
+                except Exception as e:  # the scheduler went away
+                    raise BackendError(f"lost the Dask scheduler ({type(e).__name__}: {e}); the finished runs are "
+                                       "kept: run the same command again") from None
                 g, redo = futures[fut]
                 try:
                     result = fut.result()
@@ -459,29 +471,6 @@ def _attributes(spec: SweepSpec, command: str) -> dict[str, Any]:
             attrs[k] = v if not isinstance(v, bool) else int(v)
     attrs.update(spec.attributes())
     return attrs
-
-
-def _remove(out: str) -> None:
-    """Delete a sweep file and its sidecar (refused while another process writes them)."""
-    import shutil
-
-    parts = parts_dir(out)
-    if os.path.isdir(parts):
-        import fcntl
-
-        lock = os.path.join(parts, "lock")
-        if os.path.exists(lock):
-            fd = os.open(lock, os.O_RDWR)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    raise StorageError(f"{out} is being written by another sweep; cannot overwrite it") from None
-            finally:
-                os.close(fd)
-        shutil.rmtree(parts, ignore_errors=True)
-    if os.path.isfile(out):
-        os.remove(out)
 
 
 # -- reading ------------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ class SweepStore:
     """
 
     def __init__(self, path: str, dims: list[tuple[str, tuple[Any, ...]]], grid_s: np.ndarray, identity: str,
-                 attrs: dict[str, Any], command: str = "") -> None:
+                 attrs: dict[str, Any], command: str = "", overwrite: bool = False) -> None:
         self.path = os.path.abspath(path)
         self.shown = path
         self.dims, self.grid_s, self.identity = dims, grid_s, identity
@@ -214,6 +214,12 @@ class SweepStore:
         self._lock_fd = self._lock()
         try:
             self._cleanup_temporaries()
+            if overwrite:  # under the lock: nobody else is writing these
+                for _, p in list_segments(self.parts):
+                    os.remove(p)
+                if os.path.exists(self.path):
+                    os.remove(self.path)
+                fsync_dir(os.path.dirname(self.path))
             self.state = SweepState(dims, len(grid_s))
             self.attrs = dict(attrs)
             self._load_existing()
