@@ -322,8 +322,9 @@ def syscall_count(tmp_path: Path, syscall: str) -> int:
     return sum(1 for line in log.read_text().splitlines() if f"{syscall}(" in line)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed: kill-point scan not run")
-@pytest.mark.parametrize("syscall", ["pwrite64", "rename", "fsync"])
+@pytest.mark.parametrize("syscall", ["pwrite64", "rename", "fsync", "write", "unlink"])
 def test_driver_killed_at_write_syscalls(tmp_path: Path, reference: xr.Dataset, syscall: str) -> None:
     """SIGKILL injected at the k-th write-type syscall: the file opens, a re-run completes it bitwise."""
     total = syscall_count(tmp_path, syscall)
@@ -415,6 +416,7 @@ def _wait_for_a_segment(out: Path, proc: subprocess.Popen, timeout: float = 120)
         time.sleep(0.02)  # the cluster is up and working
 
 
+@pytest.mark.slow
 def test_dask_workers_killed_repeatedly(tmp_path: Path, dask_reference: xr.Dataset) -> None:
     """SIGKILL each worker the nanny starts, 3 times, with no retries allowed: the lost tasks are recorded
     failed, the finished ones kept; a re-run redoes the failed ones and equals an unbroken sweep bitwise."""
@@ -446,6 +448,7 @@ def test_dask_workers_killed_repeatedly(tmp_path: Path, dask_reference: xr.Datas
     assert_same_results(open_sweep(str(out)), dask_reference)
 
 
+@pytest.mark.slow
 def test_dask_driver_killed(tmp_path: Path, dask_reference: xr.Dataset) -> None:
     """SIGKILL of the driver mid-sweep: no worker outlives it, no finished run is lost, a re-run completes it."""
     out = tmp_path / "s.nc"
