@@ -677,3 +677,19 @@ def test_describe_and_is_sweep_file(tmp_path: Path, reference: xr.Dataset) -> No
     assert not is_sweep_file(str(run))
     with pytest.raises(ConfigError, match="not a sweep file"):
         open_sweep(str(run))
+
+
+def test_ctrl_c_keeps_finished_runs(tmp_path: Path) -> None:
+    """SIGINT of `mfres sweep`: one line, exit 1, the finished runs kept and published, the lock released."""
+    out = tmp_path / "s.nc"
+    args = [*CLI, "sweep", "-L", "3", "-M", "48,64,80,96", "--seeds", "3", "-d", "2", "-N", "32", "--steps", "1500",
+            "--ds", "0.2", "--scheduler", "synchronous", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_a_segment(out, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip().startswith("Error: interrupted") and "Traceback" not in err, err
+    with xr.open_dataset(out) as plain:  # the segments were merged into the published file on the way out
+        assert (plain["status"].values.astype(str) == "ok").sum() >= 3
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
