@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +25,9 @@ import mfres
 from mfres import analysis
 from mfres import plot as figures
 from mfres.cli import main
-from mfres.sweep import SweepSpec, run_sweep
+from mfres.errors import ConfigError, StorageError
+from mfres.sweep import STATUSES, SweepSpec, describe, is_sweep_file, open_sweep, run_file_name, run_sweep
+from mfres.sweep_store import SweepStore
 
 matplotlib.use("Agg")
 
@@ -91,18 +102,22 @@ def test_other_options_refuse_an_existing_sweep_file(acceptance_sweep: Path, tmp
 def test_diverged_and_failed_runs_are_recorded(tmp_path: Path) -> None:
     # weight decay λ = 1: GD multiplies θ by about (1 − Δs) each step, which blows up for Δs = 20
     spec = SweepSpec((2,), (3, 4), 2, (), (), (0.5, 20.0),
-                     {"dim": 2, "samples": 4, "steps": 300, "weight_decay": 1.0})
-    counts = run_sweep(spec, str(tmp_path / "div.nc"), workers=1)
+                     {"dim": 2, "samples": 4, "steps": 60, "weight_decay": 1.0})
+    counts = run_sweep(spec, str(tmp_path / "div.nc"), scheduler="synchronous")
     ds = xr.load_dataset(tmp_path / "div.nc")
     assert counts["diverged"] == 4 and counts["ok"] == 4
     div = ds["loss"].sel(ds=20.0)
     assert np.all(ds["status"].sel(ds=20.0).values == "diverged")
-    assert all("loss became" in m for m in ds["message"].sel(ds=20.0).values.ravel())
+    messages = ds["message"].sel(ds=20.0).values.ravel()
+    assert all(" at step " in m and ("not finite" in m or "E(0)" in m) for m in messages)
+    assert np.all(ds["rise_count"].sel(ds=20.0).values > 0) and np.all(ds["max_rise"].sel(ds=20.0).values > 0)
+    assert np.all(ds["rise_count"].sel(ds=0.5).values >= 0)
+    assert set(ds["backend"].values.ravel()) == {"numpy"} and ds.attrs["backend"] == "numpy"
     assert np.isfinite(div.isel(step=0)).all()  # finite losses before the divergence are kept
     assert np.isnan(div.isel(step=-1)).all()
     assert np.all(ds["status"].sel(ds=0.5).values == "ok")
     # the Δs = 0.5 runs cover the same pseudo-time on the common grid s = k·20
-    np.testing.assert_allclose(ds["s"].values, np.arange(301) * 20.0)
+    np.testing.assert_allclose(ds["s"].values, np.arange(61) * 20.0)
     assert np.isfinite(ds["loss"].sel(ds=0.5).values).all()
     # a run that fails inside its worker (its data file vanished) is recorded as failed
     data = tmp_path / "data.npz"
@@ -120,7 +135,7 @@ def test_sweep_on_an_existing_scheduler(tmp_path: Path) -> None:
     from dask.distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+                      dashboard_address=":0") as cluster:
         res = CliRunner().invoke(main, ["sweep", "--depth", "2,4", "--width", "3", "--seeds", "2", "--steps", "5",
                                         "--activation", "tanh,gelu", "--scheduler", cluster.scheduler_address,
                                         "--quiet", "--out", str(tmp_path / "s.nc")])
@@ -223,3 +238,435 @@ def test_plots_render_with_expected_artists(acceptance_sweep: Path, tmp_path: Pa
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = CliRunner().invoke(main, ["plot", str(acceptance_sweep), "--kind", "weights"])
     assert res.exit_code == 2 and "needs a run file" in res.output
+
+
+# -- durability: real kills of the driver and of the workers ------------------------------------
+CLI = [sys.executable, "-m", "mfres.cli"]
+SMALL = {"depths": [2, 3], "widths": [3, 4], "seeds": 2, "dss": [0.5, 0.25],
+         "base": {"dim": 2, "samples": 8, "steps": 30}}
+DRIVER = textwrap.dedent("""
+    import json, sys
+    from mfres.sweep import SweepSpec, run_sweep
+    a = json.loads(sys.argv[1])
+    print(json.dumps(run_sweep(SweepSpec(**a["spec"]), a["out"], scheduler=a.get("scheduler"),
+                               workers=a.get("workers"), publish_seconds=0)))
+""")
+
+
+def drive(out: Path, spec: dict = SMALL, prefix: tuple[str, ...] = (), timeout: float = 120,
+          scheduler: str | None = "synchronous") -> subprocess.CompletedProcess:
+    """The sweep ``spec`` on ``out`` by a driver process (publishing after every task)."""
+    arg = json.dumps({"spec": spec, "out": str(out), "scheduler": scheduler})
+    return subprocess.run([*prefix, sys.executable, "-c", DRIVER, arg], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
+    out = tmp_path_factory.mktemp("ref") / "ref.nc"
+    res = drive(out)
+    assert res.returncode == 0, res.stderr
+    return open_sweep(str(out))
+
+
+def assert_same_results(ds: xr.Dataset, ref: xr.Dataset) -> None:
+    """Bitwise the same losses, statuses and health figures as an unbroken sweep."""
+    for name in ("loss", "rise_count", "max_rise"):
+        np.testing.assert_array_equal(ds[name].values, ref[name].values, err_msg=name)
+    np.testing.assert_array_equal(ds["status"].values.astype(str), ref["status"].values.astype(str))
+
+
+def assert_consistent(out: Path) -> None:
+    """What a killed driver leaves opens, loads every variable, and never calls a run ok without its losses."""
+    if not out.exists():
+        return
+    ds = open_sweep(str(out))
+    for v in ds.data_vars.values():
+        v.values  # noqa: B018  (every variable loads)
+    status = ds["status"].values.astype(str)
+    assert set(status.ravel()) <= set(STATUSES)
+    ok = status == "ok"
+    assert np.isfinite(ds["loss"].values[ok]).all()
+    with xr.open_dataset(out) as plain:  # the published file alone is a sweep file too
+        assert plain["loss"].shape == ds["loss"].shape
+
+
+def syscall_count(tmp_path: Path, syscall: str) -> int:
+    log = tmp_path / f"{syscall}.log"
+    res = drive(tmp_path / f"count-{syscall}.nc", prefix=("strace", "-f", "-qq", "-e", f"trace={syscall}",
+                                                         "-o", str(log)))
+    assert res.returncode == 0, res.stderr
+    return sum(1 for line in log.read_text().splitlines() if f"{syscall}(" in line)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed: kill-point scan not run")
+@pytest.mark.parametrize("syscall", ["pwrite64", "rename", "fsync", "write", "unlink"])
+def test_driver_killed_at_write_syscalls(tmp_path: Path, reference: xr.Dataset, syscall: str) -> None:
+    """SIGKILL injected at the k-th write-type syscall: the file opens, a re-run completes it bitwise."""
+    total = syscall_count(tmp_path, syscall)
+    assert total >= 8, total
+    points = sorted({1, 2, total // 2, (3 * total) // 4, total})
+    for k in points:
+        out = tmp_path / f"kill-{syscall}-{k}.nc"
+        res = drive(out, prefix=("strace", "-f", "-qq", "-o", "/dev/null", "-e",
+                                 f"inject={syscall}:signal=KILL:when={k}"))
+        assert res.returncode != 0, f"{syscall} #{k} of {total} was not reached"
+        assert_consistent(out)
+        again = drive(out)
+        assert again.returncode == 0, again.stderr
+        assert_same_results(open_sweep(str(out)), reference)
+
+
+def test_driver_killed_between_tasks_loses_no_finished_run(tmp_path: Path, reference: xr.Dataset) -> None:
+    """SIGKILL of the driver after its k-th segment: those runs are kept, not redone."""
+    for k in (1, 4):
+        out = tmp_path / f"k{k}.nc"
+        arg = json.dumps({"spec": SMALL, "out": str(out), "scheduler": "synchronous"})
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, arg], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        parts = Path(str(out) + ".parts")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(parts.glob("seg-*.npz"))) >= k or _merged(out) >= k:
+                break
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        assert_consistent(out)
+        kept = open_sweep(str(out))
+        done = kept["status"].values.astype(str) != "missing"
+        assert done.sum() >= 2 * k if proc.returncode == -9 else True
+        again = drive(out)
+        assert again.returncode == 0, again.stderr
+        after = open_sweep(str(out))
+        assert_same_results(after, reference)
+        # runs finished before the kill were not redone (their timing is the one from before)
+        np.testing.assert_array_equal(after["seconds"].values[done], kept["seconds"].values[done])
+
+
+def _merged(out: Path) -> int:
+    try:
+        with netCDF4.Dataset(out) as nc:
+            return int(nc.getncattr("segments_merged"))
+    except (OSError, AttributeError):
+        return 0
+
+
+DASK_SWEEP = ["--depth", "3", "--width", "48,64,80,96", "--seeds", "3", "--dim", "2", "--samples", "32",
+              "--steps", "2000", "--ds", "0.2", "--workers", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def dask_reference(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
+    """An unbroken CLI sweep on a local Dask cluster, run while port 8787 is taken (no log noise allowed)."""
+    out = tmp_path_factory.mktemp("dask") / "ref.nc"
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen(1)
+        res = subprocess.run([*CLI, "sweep", *DASK_SWEEP, "--out", str(out)], capture_output=True, text=True,
+                             timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip().splitlines() == [f"12 ok; wrote {out}"], res.stderr  # nothing from Dask
+    return open_sweep(str(out))
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The Dask worker processes spawned by the driver ``pid``."""
+    out = []
+    children = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # (a child is listed under the thread that forked it)
+        with contextlib.suppress(OSError):
+            children.update((task / "children").read_text().split())
+    for child in children:
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(int(child))
+    return out
+
+
+def _wait_for_a_segment(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    parts = Path(str(out) + ".parts")
+    deadline = time.monotonic() + timeout
+    while not list(parts.glob("seg-*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the cluster is up and working
+
+
+@pytest.mark.slow
+def test_dask_workers_killed_repeatedly(tmp_path: Path, dask_reference: xr.Dataset) -> None:
+    """SIGKILL each worker the nanny starts, 3 times, with no retries allowed: the lost tasks are recorded
+    failed, the finished ones kept; a re-run redoes the failed ones and equals an unbroken sweep bitwise."""
+    out = tmp_path / "s.nc"
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+    proc = subprocess.Popen([*CLI, "sweep", *DASK_SWEEP, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for_a_segment(out, proc)
+    killed, seen = 0, set()
+    deadline = time.monotonic() + 120
+    while killed < 3 and proc.poll() is None and time.monotonic() < deadline:
+        for w in set(_workers_of(proc.pid)) - seen:  # each new worker the nanny starts
+            seen.add(w)
+            time.sleep(0.5)  # let it take a task
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert killed >= 1
+    assert_consistent(out)
+    status = open_sweep(str(out))["status"].values.astype(str)
+    print(f"{killed} worker kills; then {dict(zip(*np.unique(status, return_counts=True), strict=True))}")
+    assert (status == "ok").any() and (status == "failed").any(), (status, err)
+    assert proc.returncode == 1 and "run the same command again" in err and "Traceback" not in err, err
+    res = subprocess.run([*CLI, "sweep", *DASK_SWEEP, "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert_same_results(open_sweep(str(out)), dask_reference)
+
+
+@pytest.mark.slow
+def test_dask_driver_killed(tmp_path: Path, dask_reference: xr.Dataset) -> None:
+    """SIGKILL of the driver mid-sweep: no worker outlives it, no finished run is lost, a re-run completes it."""
+    out = tmp_path / "s.nc"
+    proc = subprocess.Popen([*CLI, "sweep", *DASK_SWEEP, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_a_segment(out, proc)
+    workers = _workers_of(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert workers and proc.returncode == -signal.SIGKILL
+    time.sleep(3)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists() and
+                b"spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes()], "a worker outlived its driver"
+    assert_consistent(out)
+    kept = open_sweep(str(out))
+    done = kept["status"].values.astype(str) == "ok"
+    assert done.any() and not done.all()
+    res = subprocess.run([*CLI, "sweep", *DASK_SWEEP, "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    after = open_sweep(str(out))
+    assert_same_results(after, dask_reference)
+    np.testing.assert_array_equal(after["seconds"].values[done], kept["seconds"].values[done])  # not redone
+
+
+def test_second_writer_refused(tmp_path: Path) -> None:
+    out = tmp_path / "s.nc"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from mfres.sweep import SweepSpec, run_sweep
+        from mfres.sweep_store import SweepStore
+        spec = SweepSpec((2,), (3,), 1, base={{"steps": 3}})
+        s = SweepStore({str(out)!r}, spec.dims, spec.grid_s, spec.identity(), {{}}, "holder")
+        print("locked", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["--overwrite"]):
+            res = subprocess.run([*CLI, "sweep", "-L", "2", "-M", "3", "--seeds", "1", "--steps", "3", "--quiet",
+                                  "--scheduler", "synchronous", "--out", str(out), *extra],
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 4, res.stderr
+            assert "being written by another sweep" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the lock with the holder's death (its sweep is another: --overwrite replaces it)
+    res = subprocess.run([*CLI, "sweep", "-L", "2", "-M", "3", "--seeds", "1", "--steps", "3", "--quiet",
+                          "--scheduler", "synchronous", "--out", str(out), "--overwrite"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_redo_exactly_missing_failed_and_incomplete(tmp_path: Path, reference: xr.Dataset) -> None:
+    out = tmp_path / "s.nc"
+    assert drive(out).returncode == 0
+    spec = SweepSpec(**SMALL)
+    store = SweepStore(str(out), spec.dims, spec.grid_s, spec.identity(), {}, "test")
+    n = len(spec.grid_s)
+    bad = {"loss": np.full((1, n), np.nan), "status": ["failed"], "message": ["x"], "seconds": [-1.0],
+           "rise_count": [-1], "max_rise": [np.nan], "backend": ""}
+    store.record((0, 0, 0), [1], bad)
+    incomplete = {**bad, "loss": np.r_[np.ones(n - 1), np.nan][None], "status": ["ok"]}  # never trusted
+    store.record((1, 1, 0), [0], incomplete)
+    store.close()  # killed before publishing: the segments hold these
+    before = open_sweep(str(out))
+    assert before["status"].values[0, 0, 0, 1] == "failed" and before.attrs["segments_pending"] == 2
+    assert drive(out).returncode == 0
+    after = open_sweep(str(out))
+    assert_same_results(after, reference)
+    redone = np.zeros(after["status"].shape, bool)
+    redone[0, 0, 0, 1] = redone[1, 1, 0, 0] = True
+    secs_before, secs_after = before["seconds"].values, after["seconds"].values
+    np.testing.assert_array_equal(secs_after[~redone], secs_before[~redone])
+    assert np.all(secs_after[redone] != secs_before[redone])
+    assert not list(Path(str(out) + ".parts").glob("seg-*"))  # all merged into the published file
+
+
+# -- refused up front: bad grids, options, addresses, outputs --------------------------------------
+def sweep_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "sweep", "-L", "2", "-M", "3", "--seeds", "1", "--steps", "3", "--quiet", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--ds", "0.3,0.7"], "does not divide the largest ds 0.7"),
+    (["--ds", "0.1,0.1"], "ds lists 0.1 more than once"),
+    (["--ds", "0.1,0.10"], "ds lists 0.1 more than once"),
+    (["--activation", "tanh,tanh"], "activation lists tanh more than once"),
+    (["--activation", "tanh,TANH"], "activation lists tanh more than once"),
+    (["--init", "iid,iid"], "init lists iid more than once"),
+    (["-M", "3,3"], "width lists 3 more than once"),
+    (["--workers", "-1"], "workers must be at least 1"),
+    (["--workers", "0"], "workers must be at least 1"),
+    (["--scheduler", "not an address"], "is not a scheduler address"),
+])
+def test_bad_sweep_options_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "s.nc"
+    res = sweep_cli(*args, "--out", str(out))
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], res.stderr
+    assert not out.exists()
+
+
+def test_scheduler_that_never_answers_or_is_closed(tmp_path: Path) -> None:
+    spec = SweepSpec((2,), (3,), 1, base={"steps": 3})
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # accepts (the kernel's backlog) and never answers
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match="did not answer within 2 s"):
+            run_sweep(spec, str(tmp_path / "a.nc"), scheduler=f"tcp://127.0.0.1:{port}", connect_timeout=2)
+        assert time.monotonic() - t0 < 30
+        res = sweep_cli("--scheduler", f"tcp://127.0.0.1:{port}", "--out", str(tmp_path / "a.nc"), timeout=60)
+    assert res.returncode == 2 and "did not answer" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match=r"cannot use the Dask scheduler at .*(Timed out|refused)"):
+        run_sweep(spec, str(tmp_path / "b.nc"), scheduler=f"tcp://127.0.0.1:{port}", connect_timeout=2)
+    assert not (tmp_path / "a.nc").exists() and not (tmp_path / "b.nc").exists()
+
+
+def test_out_fifo_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.nc"
+    os.mkfifo(fifo)
+    res = sweep_cli("--scheduler", "synchronous", "--out", str(fifo), timeout=60)
+    assert res.returncode == 4 and "is a FIFO" in res.stderr, res.stderr
+    with pytest.raises(StorageError, match="FIFO"):
+        open_sweep(str(fifo))
+
+
+def test_memory_check_covers_the_whole_batch(tmp_path: Path) -> None:
+    from mfres import model
+    from mfres.sweep import _check_memory
+    from mfres.train import available_memory
+
+    avail = available_memory()
+    if avail is None:
+        pytest.skip("no MemAvailable on this system")
+    L, N, d, B = 4, 64, 2, 64
+    per_m = model.workspace_bytes(L, 2, d, N, np.dtype("float64"), recompute=True) - \
+        model.workspace_bytes(L, 1, d, N, np.dtype("float64"), recompute=True)
+    M = int(avail * 0.03 / per_m)  # one net: 3 % of the memory; the batch of 64: about twice all of it
+    spec = SweepSpec((L,), (M,), B, base={"dim": d, "samples": N, "steps": 1, "memory": "recompute"})
+    with pytest.raises(ConfigError, match=f"trains {B} nets at once.*GiB is available"):
+        run_sweep(spec, str(tmp_path / "m.nc"), workers=1)
+    assert not (tmp_path / "m.nc").exists()
+    _check_memory(SweepSpec((L,), (M,), 1, base=spec.base), 1, False)  # one seed alone would fit
+
+
+def test_smaller_ds_reaches_the_common_final_time(tmp_path: Path) -> None:
+    spec = SweepSpec((2,), (3,), 2, dss=(0.5, 0.125), base={"dim": 2, "samples": 8, "steps": 12})
+    run_sweep(spec, str(tmp_path / "s.nc"), scheduler="synchronous", keep_runs=str(tmp_path / "runs"))
+    ds = open_sweep(str(tmp_path / "s.nc"))
+    assert set(ds["status"].values.ravel()) == {"ok"}
+    np.testing.assert_allclose(ds["s"].values[-1], 6.0)
+    files = sorted(p.name for p in (tmp_path / "runs").glob("*.nc"))
+    assert len(files) == 4 and len(set(files)) == 4
+    for seed in (0, 1):
+        run = mfres.open_run(str(tmp_path / "runs" / run_file_name(spec, {"depth": 2, "width": 3, "ds": 0.125},
+                                                                    seed)), load=True)
+        assert len(run["loss"]) == 4 * 12 + 1  # r = 4 steps per grid step, to s = 6 exactly
+        np.testing.assert_array_equal(ds["loss"].sel(ds=0.125, seed=seed).values.ravel(), run["loss"].values[::4])
+    # kept-run names write Δs exactly: 0.1 and 0.10000001 never share a file
+    a = run_file_name(spec, {"depth": 2, "width": 3, "ds": 0.1}, 0)
+    b = run_file_name(spec, {"depth": 2, "width": 3, "ds": 0.10000001}, 0)
+    assert a != b
+
+
+def test_judge_marks_runaway_and_incomplete_runs() -> None:
+    from mfres.sweep_task import _judge
+
+    out = {"loss": np.zeros((3, 4)), "status": [""] * 3, "message": [""] * 3, "rise_count": np.zeros(3, int),
+           "max_rise": np.zeros(3)}
+    _judge(out, 0, np.array([1.0, 0.5, 2e6, 1e7, 3e9, 1e10, 1e12]), 2, "ok", "", 0.1)  # finite, runaway at step 2
+    assert out["status"][0] == "diverged" and "E(0) at step 2" in out["message"][0]
+    np.testing.assert_array_equal(out["loss"][0], [1.0, np.nan, np.nan, np.nan])
+    assert out["rise_count"][0] == 1 and out["max_rise"][0] == 2e6 - 0.5
+    _judge(out, 1, np.array([1.0, 0.9, 0.8, 0.7, 0.6]), 2, "ok", "", 0.1)  # ends short of step 6
+    assert out["status"][1] == "failed" and "incomplete" in out["message"][1]
+    _judge(out, 2, np.linspace(1, 0.5, 7), 2, "ok", "", 0.1)
+    assert out["status"][2] == "ok" and out["rise_count"][2] == 0
+    np.testing.assert_array_equal(out["loss"][2], np.linspace(1, 0.5, 7)[::2])
+
+
+def test_one_backend_per_worker_reused_across_tasks() -> None:
+    from mfres import sweep_task
+
+    sweep_task._BACKENDS.clear()
+    opts = {"depth": 2, "width": 3, "dim": 2, "samples": 4, "steps": 3}
+    a = sweep_task.run_task(opts, [0, 1], 1, "numpy")
+    first = dict(sweep_task._BACKENDS)
+    b = sweep_task.run_task({**opts, "width": 5}, [0], 1, "numpy")
+    assert len(sweep_task._BACKENDS) == 1 and next(iter(sweep_task._BACKENDS.values())) is next(iter(first.values()))
+    assert a["backend"] == b["backend"] == "numpy" and a["status"] == ["ok", "ok"]
+    assert a["loss"].shape == (2, 4)
+
+
+def test_julia_sweep_equals_numpy(tmp_path: Path) -> None:
+    from mfres.backends import julia_backend, select
+
+    if not julia_backend.usable_without_download():  # (never let a test download Julia)
+        pytest.skip("no Julia backend usable here without downloads")
+    try:
+        select("julia")
+    except Exception as e:  # BackendError, or the Julia process failing to start
+        pytest.skip(f"Julia backend not usable here: {e}")
+    spec = SweepSpec((2, 3), (3, 5), 3, base={"dim": 2, "samples": 8, "steps": 20, "ds": 0.5})
+    run_sweep(spec, str(tmp_path / "n.nc"), scheduler="synchronous", backend="numpy")
+    run_sweep(spec, str(tmp_path / "j.nc"), workers=1, backend="julia")
+    n, j = open_sweep(str(tmp_path / "n.nc")), open_sweep(str(tmp_path / "j.nc"))
+    assert set(j["backend"].values.ravel()) == {"julia"} and j.attrs["backend"] == "julia"
+    np.testing.assert_allclose(j["loss"].values, n["loss"].values, rtol=1e-9, atol=0)
+
+
+def test_describe_and_is_sweep_file(tmp_path: Path, reference: xr.Dataset) -> None:
+    out = tmp_path / "s.nc"
+    assert drive(out).returncode == 0
+    assert is_sweep_file(str(out))
+    text = describe(str(out))
+    assert "16 ok" in text and "ds ∈ {0.5, 0.25}" in text and "backend: numpy" in text
+    run = tmp_path / "r.nc"
+    mfres.simulate(out=str(run), depth=2, width=3, steps=2, backend="numpy")
+    assert not is_sweep_file(str(run))
+    with pytest.raises(ConfigError, match="not a sweep file"):
+        open_sweep(str(run))
+
+
+def test_ctrl_c_keeps_finished_runs(tmp_path: Path) -> None:
+    """SIGINT of `mfres sweep`: one line, exit 1, the finished runs kept and published, the lock released."""
+    out = tmp_path / "s.nc"
+    args = [*CLI, "sweep", "-L", "3", "-M", "48,64,80,96", "--seeds", "3", "-d", "2", "-N", "32", "--steps", "1500",
+            "--ds", "0.2", "--scheduler", "synchronous", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_a_segment(out, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip().startswith("Error: interrupted") and "Traceback" not in err, err
+    with xr.open_dataset(out) as plain:  # the segments were merged into the published file on the way out
+        assert (plain["status"].values.astype(str) == "ok").sum() >= 3
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

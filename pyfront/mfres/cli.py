@@ -97,8 +97,9 @@ def _run_options(f: Callable[..., Any], sweep: bool) -> Callable[..., Any]:
                      help="Steps between snapshots of the particles [default: steps/20]."),
         click.option("--snapshot-particles", type=int, default=None,
                      help="Store K sampled particles per layer in snapshots [default: all M]."),
-        click.option("--backend", type=click.Choice(["auto", "numpy", "julia"]), default="auto", show_default=True,
-                     help="auto = Julia where it is usable without downloads, else NumPy."),
+        click.option("--backend", type=click.Choice(["auto", "numpy", "julia"]), default="numpy" if sweep else "auto",
+                     show_default=True, help="auto = Julia where it is usable without downloads, else NumPy."
+                     + (" Chosen in each Dask worker." if sweep else "")),
         click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True),
         click.option("--threads", type=int, default=None, help="Julia threads [default: all cores]."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -193,22 +194,30 @@ def _list(text: str) -> tuple[str, ...]:
 Example:
   mfres sweep --depth 8 --width 8,32,128,512 --seeds 8 --dim 2 --samples 16 \\
               --steps 40 --ds 0.05 --init iid --workers 2 --out sweep.nc
+\b
+Re-running the same command completes a stopped sweep: it redoes exactly the
+runs that are missing or failed. Swept Δs values must divide the largest one.
 """)
 @click.option("--depth", "-L", default="16", show_default=True, help="Depths L, a comma list.")
 @click.option("--width", "-M", default="64", show_default=True, help="Widths M, a comma list.")
-@click.option("--seeds", type=int, default=4, show_default=True, help="Initialisation seeds per (L, M).")
+@click.option("--seeds", type=int, default=4, show_default=True,
+              help="Initialisation seeds per grid point (trained together as one batch).")
 @click.option("--workers", type=int, default=None, help="Local Dask worker processes [default: one per core].")
-@click.option("--scheduler", default=None, help="Address of a running dask.distributed scheduler to use instead.")
+@click.option("--scheduler", default=None,
+              help="Address of a running dask.distributed scheduler to use instead, or 'synchronous' "
+                   "(run the tasks in this process).")
 @click.option("--keep-runs", type=click.Path(file_okay=False), default=None,
               help="Also write every run's own file (with snapshots) into this folder.")
 @click.option("--out", "-o", default="sweep.nc", show_default=True, type=click.Path(dir_okay=False),
-              help="The sweep file; re-running the same sweep on it completes the missing runs.")
+              help="The sweep file; re-running the same sweep on it completes the missing and failed runs.")
+@click.option("--overwrite", is_flag=True, help="Start afresh: remove --out and its folder --out.parts first.")
 @lambda f: _run_options(f, sweep=True)
 @_guarded
 def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: str | None, keep_runs: str | None,
-          out: str, quiet: bool, activation: str, init: str, ds: str, **options: Any) -> None:
+          out: str, overwrite: bool, quiet: bool, activation: str, init: str, ds: str, backend: str,
+          **options: Any) -> None:
     """Run a grid of nets over depth, width and seeds on Dask; write one sweep file."""
-    from .sweep import SweepSpec, run_sweep
+    from .sweep import SweepSpec
 
     acts, inits = _list(activation), _list(init)
     try:
@@ -219,13 +228,29 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
     for name, values in (("activation", acts), ("init", inits), ("ds", dss)):
         if len(values) == 1:
             base[name] = values[0]
-    base.pop("backend", None)
     spec = SweepSpec(_int_list("--depth", depth), _int_list("--width", width), seeds,
                      acts if len(acts) > 1 else (), inits if len(inits) > 1 else (), dss if len(dss) > 1 else (),
                      base)
-    command = _command_line()
+    kwargs: dict[str, Any] = {"workers": workers, "scheduler": scheduler, "backend": backend,
+                              "keep_runs": keep_runs, "overwrite": overwrite, "command": _command_line()}
+    try:
+        counts = _sweep_with_progress(spec, out, quiet, kwargs)
+    except KeyboardInterrupt:
+        raise RunStopped(f"interrupted; every finished run is kept in {out}; run the same command again "
+                         "to complete the sweep") from None
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    click.echo(f"{summary}; wrote {out}", err=True)
+    left = counts.get("missing", 0) + counts.get("failed", 0)
+    if left:
+        raise RunStopped(f"{left} runs are missing or failed (see the file's message variable); "
+                         "run the same command again to redo them")
+
+
+def _sweep_with_progress(spec: Any, out: str, quiet: bool, kwargs: dict[str, Any]) -> dict[str, int]:
+    from .sweep import run_sweep
+
     if quiet:
-        counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs, command=command)
+        counts = run_sweep(spec, out, **kwargs)
     else:
         total = len(spec.groups())
         bar = click.progressbar(length=total, label="grid points", file=sys.stderr, show_pos=True,
@@ -239,12 +264,8 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
                 state["done"] = done
 
         with bar:
-            counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs,
-                               command=command, progress=progress)
-    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-    click.echo(f"{summary}; wrote {out}", err=True)
-    if counts.get("missing"):
-        raise RunStopped(f"{counts['missing']} runs are still missing; run the same command again to complete them")
+            counts = run_sweep(spec, out, progress=progress, **kwargs)
+    return counts
 
 
 @main.command()
