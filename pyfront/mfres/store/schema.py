@@ -156,6 +156,8 @@ def attr_value(v: Any) -> Any:
         return int(v)
     if isinstance(v, int) and v >= 2**63:
         return np.uint64(v)
+    if isinstance(v, str):  # a non-UTF-8 path in the command line: keep its bytes visible as escapes
+        return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return v
 
 
