@@ -12,8 +12,9 @@ durable point.
 Publishing happens at the first and the last durable point of a session, and in
 between whenever the pending segments reach the published file's size or
 ``MAX_SEGMENTS`` (so the total cost of publishing stays linear in the run's length).
-Durable points come every ``DURABLE_SECONDS`` (``MFRES_DURABLE_SECONDS``), or more
-rarely when writing one costs more than 2 % of that interval. One writer at a time:
+Durable points come every ``DURABLE_SECONDS`` (environment ``MFRES_DURABLE_SECONDS``;
+0 makes every chunk boundary one, for tests), or more rarely when writing one costs
+more than 2 % of the interval, or sooner when ``MAX_BUFFER_BYTES`` of snapshots wait. One writer at a time:
 ``fcntl.flock`` on the run's lock file, released by the kernel when the process dies.
 """
 
@@ -53,6 +54,7 @@ from .schema import (
 DURABLE_SECONDS = float(os.environ.get("MFRES_DURABLE_SECONDS", "5"))
 DURABLE_SHARE = 0.02
 MAX_SEGMENTS = 32
+MAX_BUFFER_BYTES = 32 << 20  # snapshots held in memory before a durable point is forced
 FREE_SPACE_MARGIN = 1 << 20
 COPY_BLOCK = 1 << 16
 LOCK_RETRY_SECONDS = 0.3
@@ -116,6 +118,7 @@ class RunWriter:
         self._gn: list[np.ndarray] = []
         self._snaps: list[dict[str, np.ndarray]] = []
         self._next = 0  # next step index the buffers expect
+        self._buffered = 0
         self.tip = -1  # last durable step
         self.pending: list[tuple[int, str, int]] = []  # (seq, name, bytes) not yet published
         self.seq = 0
@@ -249,6 +252,7 @@ class RunWriter:
                 "b": theta.b[:, sub].copy(), "prediction": np.asarray(prediction, np.float64).copy()}
         snap.update(snapshot_moments(theta.U, theta.W, theta.b))
         self._snaps.append(snap)
+        self._buffered += sum(a.nbytes for a in snap.values() if isinstance(a, np.ndarray))
 
     @property
     def steps_written(self) -> int:
@@ -256,8 +260,10 @@ class RunWriter:
 
     def due(self) -> bool:
         """Whether a durable point is due (by time, and by what the last one cost)."""
+        if DURABLE_SECONDS <= 0:  # tests: a durable point at every chunk boundary
+            return True
         interval = max(DURABLE_SECONDS, self._cost / DURABLE_SHARE)
-        return time.monotonic() - self._last >= interval
+        return time.monotonic() - self._last >= interval or self._buffered >= MAX_BUFFER_BYTES
 
     # -- durable points ----------------------------------------------------------------
     def _payload(self, step: int, theta: Particles | None) -> dict[str, Any]:
@@ -307,6 +313,7 @@ class RunWriter:
 
     def _clear(self, step: int) -> None:
         self._loss, self._gn, self._snaps = [], [], []
+        self._buffered = 0
         self.tip = step
 
     def _check_space(self, what: str, nbytes: int) -> None:
