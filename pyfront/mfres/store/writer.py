@@ -298,12 +298,13 @@ class RunWriter:
         arrays = self._payload(step, theta)
         if publish or not self.published:
             self._publish(arrays, step)
+            self._clear(step)
         else:
             self._write_segment(arrays, step, has_state=True)
+            self._clear(step)  # durable from here on
             if (len(self.pending) >= MAX_SEGMENTS
                     or sum(b for _, _, b in self.pending) >= max(self.published_bytes, 1)):
                 self._publish(None, step)
-        self._clear(step)
         self._last = time.monotonic()
         self._cost = self._last - t0
 
