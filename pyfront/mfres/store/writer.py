@@ -10,8 +10,9 @@ leaves the last published file intact and every durable segment readable
 durable point.
 
 Publishing happens at the first and the last durable point of a session, and in
-between whenever the pending segments reach the published file's size or
-``MAX_SEGMENTS`` (so the total cost of publishing stays linear in the run's length).
+between when ``MAX_SEGMENTS`` segments wait, or when the pending segments have
+reached the published file's size and ``PUBLISH_SECONDS`` have passed (so the file
+at least doubles between publishes and their total cost stays linear in its size).
 Durable points come every ``DURABLE_SECONDS`` (environment ``MFRES_DURABLE_SECONDS``;
 0 makes every chunk boundary one, for tests), or more rarely when writing one costs
 more than 2 % of the interval, or sooner when ``MAX_BUFFER_BYTES`` of snapshots wait. One writer at a time:
@@ -52,6 +53,7 @@ from .schema import (
 )
 
 DURABLE_SECONDS = float(os.environ.get("MFRES_DURABLE_SECONDS", "5"))
+PUBLISH_SECONDS = 6 * DURABLE_SECONDS  # between publishes in mid-run (each one rewrites the whole file)
 DURABLE_SHARE = 0.02
 MAX_SEGMENTS = 32
 MAX_BUFFER_BYTES = 32 << 20  # snapshots held in memory before a durable point is forced
@@ -126,7 +128,7 @@ class RunWriter:
         self.published_bytes = 0
         self.n_steps = 0  # rows in the published file
         self._grid: int | None = None  # at the next publish, keep only snapshots on this step grid
-        self._last = time.monotonic()
+        self._last = self._published_at = time.monotonic()
         self._cost = 0.0
         self._open(overwrite, resume)
 
@@ -302,8 +304,8 @@ class RunWriter:
         else:
             self._write_segment(arrays, step, has_state=True)
             self._clear(step)  # durable from here on
-            if (len(self.pending) >= MAX_SEGMENTS
-                    or sum(b for _, _, b in self.pending) >= max(self.published_bytes, 1)):
+            grown = sum(b for _, _, b in self.pending) >= self.published_bytes
+            if len(self.pending) >= MAX_SEGMENTS or (grown and t0 - self._published_at >= PUBLISH_SECONDS):
                 self._publish(None, step)
         self._last = time.monotonic()
         self._cost = self._last - t0
@@ -406,6 +408,7 @@ class RunWriter:
                 os.unlink(tmp, dir_fd=self.sidefd)
             raise self._storage_error("the run file", e) from None
         self.published, self.published_bytes, self.pending = True, size, []
+        self._published_at = time.monotonic()
         self._grid = None
         # every segment now is either absorbed or stale (older runs, abandoned temporaries)
         for n in os.listdir(self.sidefd):
