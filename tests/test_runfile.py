@@ -318,3 +318,26 @@ def test_out_of_memory_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(mfres.train, "run", no_memory)
     res = CliRunner().invoke(main, ["simulate", *TINY, "--out", str(tmp_path / "m.nc")])
     assert res.exit_code == 5 and "out of memory" in res.output
+
+
+def test_a_crash_inside_the_run_is_recorded_as_failed(tmp_path: Path) -> None:
+    from mfres.backends.numpy_backend import NumpyBackend
+    from mfres.config import RunConfig
+    from mfres.train import run
+
+    class RunsOutOfMemory(NumpyBackend):
+        calls = 0
+
+        def advance(self, theta, problem, ds, n):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            if self.calls == 4:
+                raise MemoryError
+            return super().advance(theta, problem, ds, n)
+
+    out = tmp_path / "oom.nc"
+    config = RunConfig(depth=2, width=4, dim=2, samples=8, steps=40, snapshot_every=5, backend="numpy")
+    with pytest.raises(MemoryError):
+        run(config, str(out), backend=RunsOutOfMemory())
+    ds = mfres.open_run(str(out), load=True)
+    assert ds.attrs["status"] == "failed" and "MemoryError" in ds.attrs["status_message"]
+    assert "stopped without closing" not in cli("info", str(out)).stdout

@@ -150,8 +150,13 @@ def run(config: RunConfig, out: str, *, backend: Backend | None = None, command:
                            resume=resume and os.path.exists(out))
         try:
             result = _loop(config, theta, problem, backend, writer, progress, flag, command)
+        except RunStopped:
+            raise  # its status is already in the file
         except StorageError as e:
             writer.fail(str(e))
+            raise
+        except BaseException as e:  # out of memory, a backend failure: say so in the file
+            writer.fail(f"stopped by {type(e).__name__}: {e}" if str(e) else f"stopped by {type(e).__name__}")
             raise
         finally:
             writer.close()

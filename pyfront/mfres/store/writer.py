@@ -74,6 +74,17 @@ def _fsync_dir(fd: int) -> None:
     os.fsync(fd)
 
 
+def _give_back_memory() -> None:
+    """Return the publish's transient buffers to the OS (glibc keeps freed small blocks otherwise,
+    and a long run's resident memory would creep up with each publish)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class RunLock:
     """The one-writer lock of a run: ``flock`` on ``.run.nc.mfres/lock`` (released by the kernel on any death)."""
 
@@ -409,6 +420,8 @@ class RunWriter:
             raise self._storage_error("the run file", e) from None
         self.published, self.published_bytes, self.pending = True, size, []
         self._published_at = time.monotonic()
+        del segments, parts
+        _give_back_memory()
         self._grid = None
         # every segment now is either absorbed or stale (older runs, abandoned temporaries)
         for n in os.listdir(self.sidefd):
