@@ -341,3 +341,12 @@ def test_a_crash_inside_the_run_is_recorded_as_failed(tmp_path: Path) -> None:
     ds = mfres.open_run(str(out), load=True)
     assert ds.attrs["status"] == "failed" and "MemoryError" in ds.attrs["status_message"]
     assert "stopped without closing" not in cli("info", str(out)).stdout
+
+
+def test_info_on_a_file_that_is_not_a_run(tmp_path: Path) -> None:
+    with netCDF4.Dataset(tmp_path / "other.nc", "w") as nc:
+        nc.createDimension("n", 2)
+        nc.createVariable("z", "f8", ("n",))[:] = [1.0, 2.0]
+    res = cli("info", str(tmp_path / "other.nc"))
+    assert res.returncode == 4 and res.stderr.strip() == f"Error: {tmp_path / 'other.nc'} is not a run file " \
+        "(made by mfres simulate)", res.stderr
