@@ -130,25 +130,30 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
     """Train one net by gradient descent and write its trajectory to a netCDF file."""
     from .backends import select
     from .config import RunConfig
-    from .train import resume_options, run
+    from .train import resume_options, run, stop_on_signals
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    config = RunConfig(**(resume_options(options, out) if resume else options))
-    backend = select(config.backend, config.threads, config.device, config.memory)
-    command = _command_line()
-    if quiet:
-        result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume)
-    else:
-        click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
-                   f"activation={config.activation} init={config.init} Δs={config.ds:g} "
-                   f"backend={backend.name} dtype={config.dtype}", err=True)
-        with _ProgressBar(config.steps) as progress:
+    # SIGINT/SIGTERM from here on stop the run cleanly (after its first durable point)
+    with stop_on_signals() as stop:
+        config = RunConfig(**(resume_options(options, out) if resume else options))
+        backend = select(config.backend, config.threads, config.device, config.memory)
+        command = _command_line()
+        if quiet:
             result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume,
-                         progress=progress)
+                         stop=stop, warn=False)
+        else:
+            click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
+                       f"activation={config.activation} init={config.init} Δs={config.ds:g} "
+                       f"backend={backend.name} dtype={config.dtype}", err=True)
+            with _ProgressBar(config.steps) as progress:
+                result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume,
+                             progress=progress, stop=stop, warn=False)
     if not quiet:
         click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, final loss {result.loss:.6g}; "
                    f"wrote {out}", err=True)
+    for w in result.warnings:
+        click.echo(f"Warning: {w}", err=True)
 
 
 class _ProgressBar:

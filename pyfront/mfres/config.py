@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import activations
@@ -55,6 +55,8 @@ class RunConfig:
     threads: int | None = None
     device: str = "cpu"
     memory: str = "auto"
+    snapshot_every_auto: bool = field(default=False, init=False, compare=False)
+    """True when ``snapshot_every`` was left to its default (it then follows ``steps`` on ``--resume``)."""
 
     def __post_init__(self) -> None:
         _positive_int(self, "depth")
@@ -67,8 +69,8 @@ class RunConfig:
         if self.snapshot_particles is not None and self.snapshot_particles > self.width:
             raise ConfigError(f"--snapshot-particles {self.snapshot_particles} exceeds --width {self.width}")
         _positive_int(self, "threads", optional=True)
-        _nonneg_int(self, "seed")
-        _nonneg_int(self, "data_seed")
+        _nonneg_int(self, "seed", below=2**64)
+        _nonneg_int(self, "data_seed", below=2**64)
         _positive_float(self, "ds")
         _positive_float(self, "init_scale")
         _positive_float(self, "length_scale")
@@ -95,6 +97,7 @@ class RunConfig:
                     object.__setattr__(self, name, default)
         if self.snapshot_every is None:
             object.__setattr__(self, "snapshot_every", max(1, math.ceil(self.steps / 20)))
+            object.__setattr__(self, "snapshot_every_auto", True)
 
     @property
     def act(self) -> activations.Activation:
@@ -105,7 +108,10 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options (not ``snapshot_every_auto``, which the run file records on its own)."""
+        out = dataclasses.asdict(self)
+        out.pop("snapshot_every_auto")
+        return out
 
     # Options that change the numbers a run produces (not how fast or where).
     NUMERIC_FIELDS = ("depth", "width", "dim", "samples", "data", "data_seed", "activation", "init",
@@ -133,8 +139,10 @@ def _positive_int(cfg: RunConfig, name: str, optional: bool = False, zero_ok: bo
         raise ConfigError(f"{_option(name)} must be {'≥ 0' if zero_ok else 'positive'}, got {v}")
 
 
-def _nonneg_int(cfg: RunConfig, name: str) -> None:
+def _nonneg_int(cfg: RunConfig, name: str, below: int | None = None) -> None:
     _positive_int(cfg, name, zero_ok=True)
+    if below is not None and getattr(cfg, name) >= below:
+        raise ConfigError(f"{_option(name)} must be below 2^64, got {getattr(cfg, name)}")
 
 
 def _float(cfg: RunConfig, name: str) -> float:

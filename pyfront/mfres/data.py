@@ -10,8 +10,9 @@ A data set is N samples ``x`` (N, d), labels ``y`` (N,) and the fixed readout
   teacher, y = (1/√J) Σ_j c_j tanh(w_j·x + β_j), J = 8, all weights N(0, 1).
 
 Files: ``.npz`` with arrays ``x``, ``y`` and optional ``readout``; ``.nc`` with
-variables of the same names; ``.csv`` with a header row naming columns
-``x0``..``x{d-1}`` and ``y``.
+variables of the same names (no missing values; x's sample axis is the dimension it
+shares with y); ``.csv`` (UTF-8, with or without a byte-order mark) with a header
+row naming columns ``x0``..``x{d-1}`` and ``y``.
 """
 
 from __future__ import annotations
@@ -81,20 +82,40 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_nc(path: str) -> dict[str, np.ndarray]:
+    """x, y, readout of a netCDF file. Masked entries (``_FillValue``, ``missing_value``, unwritten
+    values) are refused; x is read as (sample, dim), its sample axis being the dimension it shares
+    with y (an x stored as (dim, sample) is transposed by name, never guessed from its shape)."""
     import netCDF4
 
     with netCDF4.Dataset(path, "r") as ds:
         out = {}
+        dims = {}
         for k in ("x", "y", "readout"):
             if k in ds.variables:
                 v = ds.variables[k]
-                v.set_auto_mask(False)
-                out[k] = np.asarray(v[...])
+                v.set_auto_maskandscale(True)
+                a = v[...]
+                if np.ma.is_masked(a):
+                    n = int(np.ma.count_masked(a))
+                    fill = next((f"{att} = {v.getncattr(att)}" for att in ("_FillValue", "missing_value")
+                                 if att in v.ncattrs()), "the default fill value")
+                    raise DataError(f"{path}: {k} has {n} missing values ({fill}); fill them in or drop "
+                                    "those samples")
+                out[k] = np.asarray(np.ma.getdata(a))
+                dims[k] = v.dimensions
+        if "x" in out and "y" in out and out["x"].ndim == 2 and len(dims["y"]) == 1:
+            (xd0, xd1), (yd,) = dims["x"], dims["y"]
+            if yd == xd1 and yd != xd0:
+                out["x"] = out["x"].T  # stored as (dim, sample)
+            elif yd != xd0 and out["x"].shape[0] == out["x"].shape[1]:
+                raise DataError(f"{path}: x is square ({xd0}, {xd1}) and y's dimension {yd} names neither "
+                                "axis: cannot tell samples from dimensions; give x and y a shared sample "
+                                "dimension")
         return out
 
 
 def _read_csv(path: str) -> dict[str, np.ndarray]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark is allowed
         rows = list(csv.reader(f))
     if not rows:
         raise DataError(f"{path}: empty CSV file")
@@ -113,13 +134,20 @@ def _read_csv(path: str) -> dict[str, np.ndarray]:
         if len(row) != len(header):
             raise DataError(f"{path}: line {line}: every CSV row must have {len(header)} numbers, got {len(row)}")
         try:
-            values.append([float(c) for c in row])
+            values.append([_csv_number(c) for c in row])
         except ValueError as e:
             raise DataError(f"{path}: line {line}: non-numeric CSV entry ({e})") from None
     if values:
         table = np.array(values, dtype=np.float64)
     cols = {h: i for i, h in enumerate(header)}
     return {"x": table[:, [cols[h] for h in want]], "y": table[:, cols["y"]]}
+
+
+def _csv_number(text: str) -> float:
+    """A CSV number: what ``float`` reads, minus its Python-only spellings (``1_000``)."""
+    if "_" in text:
+        raise ValueError(f"{text.strip()!r}: digit separators are not allowed")
+    return float(text)
 
 
 def _as_float(path: str, name: str, v: np.ndarray, ndim: int) -> np.ndarray:

@@ -1,9 +1,10 @@
 """The training loop, written once above the backends.
 
 It advances θ in chunks (sized to take about half a second, never past the next
-snapshot), writes every step's E and velocity to the run file, takes the
-snapshots, syncs, reports progress, and stops cleanly on divergence (non-finite
-E), on SIGINT/SIGTERM (after the current chunk) or on a storage error.
+snapshot), hands every step's E and velocity and the snapshots to the durable
+writer, makes durable points when the writer says they are due, reports progress,
+and stops cleanly on divergence (non-finite E, or E above health.RUNAWAY_FACTOR·E(0)),
+on SIGINT/SIGTERM (after the current chunk) or on a storage error.
 """
 
 from __future__ import annotations
@@ -13,20 +14,23 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import data as data_mod
-from . import model
+from . import health, model
 from .backends import Backend, Problem, select
 from .config import RunConfig
 from .errors import ConfigError, RunStopped, StorageError
 from .init import initial_particles
 from .model import Particles
 from .store import RunWriter
+from .store.reader import read_attrs
+from .store.schema import HEALTH_ATTRS
 
 CHUNK_SECONDS = 0.5
 MAX_CHUNK = 10_000
@@ -45,9 +49,11 @@ class RunResult:
     loss: float
     backend: str
     message: str = ""
+    health: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
-class _StopFlag:
+class StopFlag:
     """Set by SIGINT/SIGTERM; checked between chunks."""
 
     def __init__(self) -> None:
@@ -58,8 +64,12 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[_StopFlag]:
-    flag = _StopFlag()
+def stop_on_signals(flag: StopFlag | None = None) -> Iterator[StopFlag]:
+    """Turn SIGINT/SIGTERM into a flag for the duration (nested uses share the outer flag)."""
+    if flag is not None:
+        yield flag
+        return
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -108,46 +118,52 @@ def prepare(config: RunConfig) -> tuple[data_mod.TrainingData, Particles, Proble
 
 
 def resume_options(options: dict[str, Any], out: str) -> dict[str, Any]:
-    """Options for continuing ``out``: an unset ``snapshot_every`` is taken from the file."""
+    """Options for continuing ``out``: an unset ``snapshot_every`` is taken from the file,
+    unless the file's was the default too (the spacing then follows the new ``steps``)."""
     if options.get("snapshot_every") is None and os.path.isfile(out):
         try:
-            import netCDF4
-
-            with netCDF4.Dataset(out) as nc:
-                if "snapshot_every" in nc.ncattrs():
-                    return {**options, "snapshot_every": int(nc.getncattr("snapshot_every"))}
-        except (OSError, ValueError):
-            pass  # RunWriter.resume reports an unreadable file
+            attrs = read_attrs(out)
+        except StorageError:
+            return options  # RunWriter reports an unreadable file
+        if "snapshot_every" in attrs and not int(attrs.get("snapshot_every_auto", 0)):
+            return {**options, "snapshot_every": int(attrs["snapshot_every"])}
     return options
 
 
 def run(config: RunConfig, out: str, *, backend: Backend | None = None, command: str = "",
-        overwrite: bool = False, resume: bool = False, progress: ProgressFn | None = None) -> RunResult:
+        overwrite: bool = False, resume: bool = False, progress: ProgressFn | None = None,
+        stop: StopFlag | None = None, warn: bool = True) -> RunResult:
     """Run ``config`` and write the run file ``out``.
 
-    With ``resume``, an existing ``out`` is continued from its last saved state
-    (its options must equal ``config``'s, but for a larger ``steps``); without one,
-    the run starts afresh. Raises ``RunStopped`` (after closing a consistent file)
-    when the run diverges or is interrupted, and ``StorageError`` when the file
-    cannot be written.
+    With ``resume``, an existing ``out`` is continued from its last durable state
+    (its options and data must equal ``config``'s, but for a larger ``steps``); without
+    one, the run starts afresh. Raises ``RunStopped`` (after publishing a complete
+    file) when the run diverges or is interrupted, and ``StorageError`` when the file
+    cannot be written. The health warnings of ``mfres.health`` are issued with
+    ``warnings.warn`` when ``warn``, and returned in ``RunResult.warnings`` always.
     """
-    data, theta, problem = prepare(config)
-    if backend is None:
-        backend = select(config.backend, config.threads, config.device, config.memory)
-    start = 0
-    if resume and os.path.exists(out):
-        writer, start, theta = RunWriter.resume(out, config, data, backend.name, command=command)
-    else:
-        writer = RunWriter(out, config, data, backend.name, command=command, overwrite=overwrite)
-    try:
-        return _loop(config, theta, problem, backend, writer, progress, start, command)
-    except StorageError as e:
-        if writer.ds is not None:  # the file is still consistent: record why it stopped
-            with contextlib.suppress(StorageError):
-                writer.set_status("failed", str(e))
-        raise
-    finally:
-        writer.close(quiet=True)
+    with stop_on_signals(stop) as flag:
+        data, theta, problem = prepare(config)
+        if backend is None:
+            backend = select(config.backend, config.threads, config.device, config.memory)
+        writer = RunWriter(out, config, data, backend.name, command=command, overwrite=overwrite,
+                           resume=resume and os.path.exists(out))
+        try:
+            result = _loop(config, theta, problem, backend, writer, progress, flag, command)
+        except RunStopped:
+            raise  # its status is already in the file
+        except StorageError as e:
+            writer.fail(str(e))
+            raise
+        except BaseException as e:  # out of memory, a backend failure: say so in the file
+            writer.fail(f"stopped by {type(e).__name__}: {e}" if str(e) else f"stopped by {type(e).__name__}")
+            raise
+        finally:
+            writer.close()
+    if warn:
+        for w in result.warnings:
+            warnings.warn(w, RuntimeWarning, stacklevel=2)
+    return result
 
 
 def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem) -> None:
@@ -156,66 +172,95 @@ def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem) 
     writer.write_snapshot(step, theta, pred)
 
 
+def _again(command: str) -> str:
+    if not command.startswith("mfres "):
+        return "run again with resume=True"
+    return command if "--resume" in command.split() else f"{command} --resume"
+
+
 def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backend, writer: RunWriter,
-          progress: ProgressFn | None, start: int = 0, command: str = "") -> RunResult:
+          progress: ProgressFn | None, stop: StopFlag, command: str = "") -> RunResult:
     steps, every = config.steps, config.snapshot_every
     assert every is not None
-    if start == 0:
+    step = writer.start_step
+    if writer.start_state is not None:
+        theta = writer.start_state
+        e0 = writer.e0
+    else:  # E(0), the step-0 snapshot and the first durable point: the run file exists from here on
+        traj = backend.advance(theta, problem, config.ds, 0)
+        e0 = float(traj.loss[0])
+        writer.write_steps(0, traj.loss, traj.grad_norm)
         _snapshot(writer, 0, theta, problem)
-    step, chunk, last_loss = start, 1, float("nan")
-    rate = 0.0
-    with _stop_on_signals() as stop:
-        while True:
-            n = min(chunk, steps - step, every - step % every) if step < steps else 0
-            start_theta = theta.copy()
-            t0 = time.perf_counter()
-            traj = backend.advance(theta, problem, config.ds, n)
-            elapsed = time.perf_counter() - t0
-            if not traj.finite:
-                return _diverged(config, writer, backend, problem, start_theta, step, traj.loss, traj.grad_norm)
-            writer.write_steps(step, traj.loss, traj.grad_norm)
-            last_loss = float(traj.loss[-1])
-            step += n
-            if n:
-                rate = (n + 1) / max(elapsed, 1e-9)
-                chunk = int(np.clip(rate * CHUNK_SECONDS, 1, MAX_CHUNK))
-            if progress is not None:
-                progress(step, steps, last_loss, rate)
-            if step == steps or step % every == 0:
-                _snapshot(writer, step, theta, problem)
-            else:
-                writer.checkpoint(step, theta)
-            if step == steps:
-                writer.set_status("finished")
-                return RunResult(writer.path, "finished", step, last_loss, backend.name)
-            if stop.signal is not None:
-                name = signal.Signals(stop.signal).name
-                if step % every:
-                    _snapshot(writer, step, theta, problem)
-                if not command.startswith("mfres "):
-                    again = "run again with resume=True"
-                else:
-                    again = command if "--resume" in command.split() else f"{command} --resume"
-                msg = (f"interrupted by {name} at step {step} of {steps}; {writer.path} holds every step up to it; "
-                       f"to continue: {again}")
-                writer.set_status("interrupted", msg)
-                raise RunStopped(msg)
+        if not np.isfinite(e0):
+            msg = (f"diverged: E is not finite at step 0 (E = {e0}): the data or --init-scale are too large "
+                   f"for this net; the file keeps that step")
+            writer.finish("diverged", msg, 0, theta)
+            raise RunStopped(msg)
+        writer.commit(0, theta)
+    chunk, last_loss, rate = 1, e0 if step == 0 else float("nan"), 0.0
+    while True:
+        if stop.signal is not None or step == steps:
+            break
+        n = min(chunk, steps - step, every - step % every)
+        start_theta = theta.copy()
+        t0 = time.perf_counter()
+        traj = backend.advance(theta, problem, config.ds, n)
+        elapsed = time.perf_counter() - t0
+        bad = int(health.first_bad_step(traj.loss, start=e0))
+        if bad >= 0:
+            return _diverged(config, writer, backend, problem, start_theta, step, traj, bad, e0)
+        writer.write_steps(step, traj.loss, traj.grad_norm)
+        last_loss = float(traj.loss[-1])
+        step += n
+        rate = (n + 1) / max(elapsed, 1e-9)
+        chunk = int(np.clip(rate * CHUNK_SECONDS, 1, MAX_CHUNK))
+        if progress is not None:
+            progress(step, steps, last_loss, rate)
+        if step == steps or step % every == 0:
+            _snapshot(writer, step, theta, problem)
+        if step < steps and stop.signal is None and writer.due():
+            writer.commit(step, theta)
+    if step == steps and stop.signal is None:
+        status, msg = "finished", ""
+    else:
+        name = signal.Signals(stop.signal).name if stop.signal is not None else "a signal"
+        if step % every and step != steps:
+            _snapshot(writer, step, theta, problem)
+        status = "interrupted"
+        msg = (f"interrupted by {name} at step {step} of {steps}; {writer.path} holds every step up to it; "
+               f"to continue: {_again(command)}")
+    writer.finish(status, msg, step, theta)
+    if status != "finished":
+        raise RunStopped(msg)
+    figs = {k: writer.attrs[k] for k in HEALTH_ATTRS}
+    return RunResult(writer.path, status, step, last_loss, backend.name, msg, figs,
+                     health.warnings_for(figs, step))
 
 
 def _diverged(config: RunConfig, writer: RunWriter, backend: Backend, problem: Problem, theta: Particles,
-              step: int, loss: np.ndarray, grad_norm: np.ndarray) -> RunResult:
-    """Keep the finite part of the chunk, snapshot the last finite state, raise ``RunStopped``."""
-    k = len(loss) - 1  # index of the first non-finite value
-    if k > 0:
-        writer.write_steps(step, loss[:k], grad_norm[:k])
-        if k > 1:
-            backend.advance(theta, problem, config.ds, k - 1)  # replay up to the last finite state
-        _snapshot(writer, step + k - 1, theta, problem)
-    last = step + k - 1
-    msg = (f"diverged: the loss became {loss[-1]} at step {step + k} (s = {(step + k) * config.ds:g}); "
-           f"the file keeps steps 0..{last}; try a smaller --ds")
-    writer.set_status("diverged", msg)
+              step: int, traj: Any, k: int, e0: float) -> RunResult:
+    """Keep the chunk up to its first bad E, snapshot that state, publish, raise ``RunStopped``.
+
+    A non-finite E at index k keeps the steps before it; a finite E above RUNAWAY_FACTOR·E(0)
+    is kept itself (it is the evidence).
+    """
+    value = float(traj.loss[k])
+    finite = bool(np.isfinite(value))
+    keep = k + 1 if finite else k
+    writer.write_steps(step, traj.loss[:keep], traj.grad_norm[:keep])
+    last = step + keep - 1
+    if keep > 1:
+        backend.advance(theta, problem, config.ds, keep - 1)  # replay up to the last kept state
+    _snapshot(writer, last, theta, problem)
+    s_bad = (step + k) * config.ds
+    if finite:
+        what = (f"E = {value:.3g} exceeds {health.RUNAWAY_FACTOR:g}·E(0) = {health.RUNAWAY_FACTOR * e0:.3g} "
+                f"at step {step + k} (s = {s_bad:g})")
+    else:
+        what = f"E became {value} at step {step + k} (s = {s_bad:g})"
+    msg = f"diverged: {what}; the file keeps steps 0..{last}; try a smaller --ds"
+    writer.finish("diverged", msg, last, theta)
     raise RunStopped(msg)
 
 
-__all__ = ["RunResult", "StorageError", "prepare", "run"]
+__all__ = ["RunResult", "StorageError", "prepare", "run", "stop_on_signals"]

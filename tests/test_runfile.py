@@ -1,0 +1,352 @@
+"""The run file for xarray users, training health, resume for real users, and the run/data defects of issue 9."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import netCDF4
+import numpy as np
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+
+import mfres
+from mfres import health
+from mfres.cli import main
+
+CLI = [sys.executable, "-m", "mfres.cli"]
+SMALL = ["-L", "4", "-M", "8", "-d", "3", "-N", "12", "--ds", "0.5", "--quiet", "--backend", "numpy"]
+TINY = ["-L", "2", "-M", "4", "-d", "2", "-N", "8", "--quiet", "--backend", "numpy"]
+RUNAWAY = [*TINY, "--ds", "5", "--steps", "300", "--snapshot-every", "3"]
+NAMES = ("loss", "s", "grad_norm", "U", "W", "b", "prediction", "U_mean", "W_mean", "U_sq", "W_sq", "b_mean",
+         "b_sq", "x", "y", "readout", "t", "particle_index", "state_U", "state_W", "state_b", "snapshot_step",
+         "snapshot_s")
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=dict(os.environ, **env))
+
+
+def simulate_ok(out: Path, *args: str) -> xr.Dataset:
+    res = cli("simulate", *args, "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return xr.load_dataset(out)
+
+
+# -- schema ---------------------------------------------------------------------------------------------
+def test_schema_made_for_xarray(tmp_path: Path) -> None:
+    out = tmp_path / "r.nc"
+    simulate_ok(out, *SMALL, "--steps", "30", "--snapshot-every", "10")
+    with netCDF4.Dataset(out) as nc:
+        for name in ("step", "snapshot_step", "snapshot", "layer", "particle_index"):
+            assert nc[name].dtype == np.int64 and "_FillValue" not in nc[name].ncattrs(), name
+    ds = xr.open_dataset(out)
+    for name in NAMES:
+        assert name in ds.variables, name
+    assert ds["snapshot_step"].dtype == np.int64 and list(ds["snapshot_step"].values) == [0, 10, 20, 30]
+    # layer and snapshot are coordinates, with t and s beside them
+    for c in ("step", "s", "snapshot", "snapshot_step", "snapshot_s", "layer", "t", "particle_index"):
+        assert c in ds.coords, c
+    np.testing.assert_array_equal(ds.U.sel(layer=0).values, ds.U.values[:, 0])
+    assert ds.U.sel(layer=0).coords["t"].item() == 0.0
+    np.testing.assert_allclose(ds["t"].values, np.arange(4) / 4)
+    by_s = ds.swap_dims(snapshot="snapshot_s")
+    np.testing.assert_array_equal(by_s.U.sel(snapshot_s=5.0).values, ds.U.values[1])
+    assert ds.loss.coords["s"].dims == ("step",)
+    # short labels, formulas in description, units everywhere
+    for name in ds.variables:
+        a = ds[name].attrs
+        assert "units" in a and "long_name" in a and len(a["long_name"]) <= 20, (name, a.get("long_name"))
+    assert ds.loss.attrs["long_name"] == "loss E" and "a.z_L(x_i)" in ds.loss.attrs["description"]
+    assert ds.s.attrs["long_name"] == "pseudo-time s"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds.loss.plot()
+    ax = plt.gca()
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("GD step [1]", "loss E [1]")
+    plt.close("all")
+    ds.loss.plot(x="s", yscale="log")
+    assert plt.gca().get_xlabel() == "pseudo-time s [1]"
+    plt.close("all")
+
+
+# -- health ---------------------------------------------------------------------------------------------
+def test_health_figures_recorded_shown_and_warned(tmp_path: Path) -> None:
+    out = tmp_path / "h.nc"
+    res = cli("simulate", *TINY, "--ds", "3", "--steps", "100", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    ds = mfres.open_run(str(out), load=True)
+    figures = health.summary(ds.loss.values, ds.grad_norm.values, 3.0)
+    assert ds.attrs["rise_count"] == figures["rise_count"] > 0
+    assert ds.attrs["max_rise"] == pytest.approx(float(figures["max_rise"]), rel=1e-15)
+    assert ds.attrs["energy_residual"] == pytest.approx(float(figures["energy_residual"]), rel=1e-15)
+    for w in health.warnings_for(figures, 100):
+        assert f"Warning: {w}" in res.stderr
+    info = cli("info", str(out)).stdout
+    assert f"E rose in {int(figures['rise_count'])} steps" in info and "energy identity residual" in info
+    with pytest.warns(RuntimeWarning, match="E rose in"):
+        mfres.simulate(depth=2, width=4, dim=2, samples=8, ds=3.0, steps=100, backend="numpy")
+
+
+def test_runaway_is_stopped_as_diverged_across_chunks_and_on_resume(tmp_path: Path) -> None:
+    out = tmp_path / "away.nc"
+    res = cli("simulate", *RUNAWAY, "--out", str(out))
+    assert res.returncode == 1, res.stderr
+    assert "diverged: E = " in res.stderr and "exceeds 1e+06·E(0)" in res.stderr, res.stderr
+    ds = mfres.open_run(str(out), load=True)
+    loss = ds.loss.values
+    n = int(ds.attrs["steps_done"])
+    assert ds.attrs["status"] == "diverged" and n > 3  # past the first chunk boundaries (every 3 steps)
+    assert np.all(np.isfinite(loss)) and loss.size == n + 1
+    assert loss[-1] > health.RUNAWAY_FACTOR * loss[0] and np.all(loss[:-1] <= health.RUNAWAY_FACTOR * loss[0])
+    assert int(ds.snapshot_step[-1]) == n
+    # the same run resumed from an early finished part stops at the same step with the same numbers
+    part = tmp_path / "part.nc"
+    args = [a if a != "300" else "4" for a in RUNAWAY]
+    assert cli("simulate", *args, "--out", str(part)).returncode == 0
+    again = cli("simulate", *RUNAWAY, "--out", str(part), "--resume")
+    assert again.returncode == 1 and "exceeds 1e+06·E(0)" in again.stderr, again.stderr
+    resumed = mfres.open_run(str(part), load=True)
+    np.testing.assert_allclose(resumed.loss.values, loss, rtol=1e-12)
+
+
+def test_nonfinite_loss_at_step_0(tmp_path: Path) -> None:
+    out = tmp_path / "inf.nc"
+    res = cli("simulate", *TINY, "--init-scale", "1e200", "--steps", "10", "--out", str(out))
+    assert res.returncode == 1
+    assert "E is not finite at step 0" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    ds = mfres.open_run(str(out), load=True)
+    assert ds.attrs["status"] == "diverged" and ds.sizes["step"] == 1 and not np.isfinite(ds.loss.values[0])
+
+
+# -- resume for real users -------------------------------------------------------------------------------
+def write_data(path: Path, N: int = 8, d: int = 2) -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((N, d))
+    np.savez(path, x=x, y=np.sin(x[:, 0]))
+
+
+def test_resume_with_data_file_by_the_printed_command_and_other_spellings(tmp_path: Path) -> None:
+    write_data(tmp_path / "d.npz")
+    args = ["simulate", "-L", "2", "-M", "4", "--ds", "0.5", "--steps", "3000", "--snapshot-every", "500",
+            "--backend", "numpy", "--data", "d.npz", "--out", "r.nc"]
+    ref = cli(*args[:-1], "ref.nc", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([*CLI, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, MFRES_DURABLE_SECONDS="0"))
+    proc.stderr.readline()  # the header: signals are handled from here on
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted by SIGINT" in err, err
+    printed = err.split("to continue: ")[1].strip()
+    cmd = shlex.split(printed)
+    assert cmd[0] == "mfres" and cmd[-1] == "--resume"
+    again = subprocess.run([*CLI, *cmd[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    a, b = mfres.open_run(str(tmp_path / "r.nc"), load=True), mfres.open_run(str(tmp_path / "ref.nc"), load=True)
+    np.testing.assert_allclose(a.loss.values, b.loss.values, rtol=1e-12)
+    # an absolute path, explicit -d/-N, and a copy of the same data are the same data; other data are not
+    more = ["-L", "2", "-M", "4", "--ds", "0.5", "--steps", "3100", "--snapshot-every", "500", "--backend", "numpy",
+            "--quiet", "--out", str(tmp_path / "r.nc"), "--resume"]
+    (tmp_path / "copy.npz").write_bytes((tmp_path / "d.npz").read_bytes())
+    for data in (["--data", str(tmp_path / "d.npz"), "-d", "2", "-N", "8"], ["--data", str(tmp_path / "copy.npz")]):
+        res = cli("simulate", *more, *data, cwd=tmp_path)
+        assert res.returncode == 0, (data, res.stderr)
+        more[more.index("--steps") + 1] = str(int(more[more.index("--steps") + 1]) + 100)
+    write_data(tmp_path / "other.npz", N=9)
+    res = cli("simulate", *more, "--data", "other.npz", cwd=tmp_path)
+    assert res.returncode == 2 and "the data differ from the file's" in res.stderr, res.stderr
+
+
+def test_resume_with_more_steps_keeps_snapshots_evenly_spaced(tmp_path: Path) -> None:
+    out = tmp_path / "r.nc"
+    simulate_ok(out, *TINY, "--ds", "0.5", "--steps", "200")
+    res = cli("simulate", *TINY, "--ds", "0.5", "--steps", "2000", "--out", str(out), "--resume")
+    assert res.returncode == 0, res.stderr
+    ds = xr.load_dataset(out)
+    assert list(ds.snapshot_step.values) == list(range(0, 2001, 100))
+    ref = simulate_ok(tmp_path / "ref.nc", *TINY, "--ds", "0.5", "--steps", "2000")
+    np.testing.assert_allclose(ds.loss.values, ref.loss.values, rtol=1e-12)
+    np.testing.assert_allclose(ds.U.values, ref.U.values, rtol=1e-12)
+
+
+def test_sigterm_before_the_first_snapshot_leaves_a_resumable_file(tmp_path: Path) -> None:
+    # a large CSV takes a while to read: SIGTERM arrives while the data load, before any step
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((150_000, 2))
+    rows = "\n".join(f"{a!r},{b!r},{float(np.sin(a))!r}" for a, b in x.tolist())
+    (tmp_path / "big.csv").write_text("x0,x1,y\n" + rows + "\n")
+    args = ["simulate", "-L", "2", "-M", "4", "--steps", "3", "--backend", "numpy", "--data", "big.csv"]
+    proc = subprocess.Popen([*CLI, *args, "--out", "r.nc"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (proc.returncode, err)
+    assert "interrupted by SIGTERM at step 0" in err, err
+    ds = mfres.open_run(str(tmp_path / "r.nc"), load=True)
+    assert ds.attrs["status"] == "interrupted" and ds.sizes["step"] == 1
+    res = cli(*args, "--quiet", "--out", "r.nc", "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    ref = cli(*args, "--quiet", "--out", "ref.nc", cwd=tmp_path)
+    assert ref.returncode == 0
+    np.testing.assert_allclose(xr.load_dataset(tmp_path / "r.nc").loss.values,
+                               xr.load_dataset(tmp_path / "ref.nc").loss.values, rtol=1e-12)
+
+
+# -- defects ---------------------------------------------------------------------------------------------
+def nc_data(path: Path, x: np.ndarray, y: np.ndarray, x_dims=("sample", "dim"), fill=None, missing=None,
+            unwritten: bool = False) -> Path:
+    with netCDF4.Dataset(path, "w") as nc:
+        sizes = dict(zip(x_dims, x.shape, strict=True))
+        for name, size in sizes.items():
+            nc.createDimension(name, size)
+        kw = {"fill_value": fill} if fill is not None else {}
+        vx = nc.createVariable("x", "f8", x_dims, **kw)
+        if missing is not None:
+            vx.missing_value = missing
+        if unwritten:
+            vx[:1] = x[:1]
+        else:
+            vx[:] = x
+        nc.createVariable("y", "f8", ("sample",))[:] = y
+    return path
+
+
+def run_data(tmp_path: Path, data: Path, name: str = "o.nc"):
+    return CliRunner().invoke(main, ["simulate", "-L", "2", "-M", "4", "--steps", "3", "--quiet", "--backend",
+                                     "numpy", "--data", str(data), "--out", str(tmp_path / name)])
+
+
+def test_netcdf_data_with_missing_values_refused(tmp_path: Path) -> None:
+    x = np.arange(12.0).reshape(6, 2) / 10
+    y = np.ones(6)
+    xf = x.copy()
+    xf[2, 1] = -999.0
+    cases = [(nc_data(tmp_path / "fill.nc", xf, y, fill=-999.0), "_FillValue = -999.0"),
+             (nc_data(tmp_path / "miss.nc", xf, y, missing=-999.0), "missing_value = -999.0"),
+             (nc_data(tmp_path / "unwritten.nc", x, y, unwritten=True), "the default fill value")]
+    for path, what in cases:
+        res = run_data(tmp_path, path)
+        assert res.exit_code == 2 and "missing values" in res.output and what in res.output, res.output
+        assert res.output.count("\n") == 1
+
+
+def test_square_x_stored_dim_by_sample_is_read_by_its_dimension_names(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 3))
+    y = rng.standard_normal(3)
+    nc_data(tmp_path / "ds.nc", x.T.copy(), y, x_dims=("dim", "sample"))
+    np.savez(tmp_path / "ref.npz", x=x, y=y)
+    assert run_data(tmp_path, tmp_path / "ds.nc", "a.nc").exit_code == 0
+    assert run_data(tmp_path, tmp_path / "ref.npz", "b.nc").exit_code == 0
+    a, b = xr.load_dataset(tmp_path / "a.nc"), xr.load_dataset(tmp_path / "b.nc")
+    np.testing.assert_array_equal(a.x.values, x)
+    np.testing.assert_array_equal(a.loss.values, b.loss.values)
+    with netCDF4.Dataset(tmp_path / "amb.nc", "w") as nc:  # no shared dimension: refused, not guessed
+        for n in ("p", "q", "r"):
+            nc.createDimension(n, 3)
+        nc.createVariable("x", "f8", ("p", "q"))[:] = x
+        nc.createVariable("y", "f8", ("r",))[:] = y
+    res = run_data(tmp_path, tmp_path / "amb.nc")
+    assert res.exit_code == 2 and "cannot tell samples from dimensions" in res.output
+
+
+def test_csv_digit_separators_refused_and_byte_order_mark_accepted(tmp_path: Path) -> None:
+    (tmp_path / "sep.csv").write_text("x0,y\n1_000,2\n3,4\n")
+    res = run_data(tmp_path, tmp_path / "sep.csv")
+    assert res.exit_code == 2 and "digit separators" in res.output and "line 2" in res.output
+    text = "x0,x1,y\n0.1,0.2,1\n0.3,-0.4,2\n0.5,0.6,-1\n"
+    (tmp_path / "plain.csv").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")
+    assert (tmp_path / "bom.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert run_data(tmp_path, tmp_path / "plain.csv", "a.nc").exit_code == 0
+    res = run_data(tmp_path, tmp_path / "bom.csv", "b.nc")
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(xr.load_dataset(tmp_path / "a.nc").loss, xr.load_dataset(tmp_path / "b.nc").loss)
+
+
+def test_out_that_is_a_fifo_ends_with_a_message(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.nc"
+    os.mkfifo(fifo)
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        res = cli("simulate", *TINY, "--steps", "3", "--out", str(fifo), *extra, timeout=60)
+        assert res.returncode == 4 and "is not a regular file" in res.stderr, res.stderr
+    res = cli("info", str(fifo), timeout=60)
+    assert res.returncode == 4 and "is not a regular file" in res.stderr
+
+
+def test_non_utf8_paths(tmp_path: Path) -> None:
+    name = os.fsdecode(b"run-\xff\xfe.nc")
+    out = os.path.join(str(tmp_path), name)
+    res = subprocess.run([*CLI, "simulate", *TINY, "--steps", "5", "--out", os.fsencode(out)], capture_output=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([*CLI, "simulate", *TINY, "--steps", "9", "--out", os.fsencode(out), "--resume"],
+                         capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = subprocess.run([*CLI, "info", os.fsencode(out)], capture_output=True, timeout=120)
+    assert info.returncode == 0 and b"steps done: 9 of 9" in info.stdout
+    ds = mfres.open_run(out, load=True)
+    assert ds.sizes["step"] == 10 and "\\xff\\xfe" in ds.attrs["command"]
+
+
+def test_seeds_beyond_64_bits_refused(tmp_path: Path) -> None:
+    res = cli("simulate", *TINY, "--steps", "2", "--seed", str(2**64), "--out", str(tmp_path / "a.nc"))
+    assert res.returncode == 2 and res.stderr.strip() == f"Error: --seed must be below 2^64, got {2**64}"
+    res = cli("simulate", *TINY, "--steps", "2", "--data-seed", str(2**70), "--out", str(tmp_path / "a.nc"))
+    assert res.returncode == 2 and "--data-seed must be below 2^64" in res.stderr
+    ds = simulate_ok(tmp_path / "b.nc", *TINY, "--steps", "2", "--seed", str(2**64 - 1))
+    assert int(ds.attrs["seed"]) == 2**64 - 1
+
+
+def test_out_of_memory_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mfres.train
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(mfres.train, "run", no_memory)
+    res = CliRunner().invoke(main, ["simulate", *TINY, "--out", str(tmp_path / "m.nc")])
+    assert res.exit_code == 5 and "out of memory" in res.output
+
+
+def test_a_crash_inside_the_run_is_recorded_as_failed(tmp_path: Path) -> None:
+    from mfres.backends.numpy_backend import NumpyBackend
+    from mfres.config import RunConfig
+    from mfres.train import run
+
+    class RunsOutOfMemory(NumpyBackend):
+        calls = 0
+
+        def advance(self, theta, problem, ds, n):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            if self.calls == 4:
+                raise MemoryError
+            return super().advance(theta, problem, ds, n)
+
+    out = tmp_path / "oom.nc"
+    config = RunConfig(depth=2, width=4, dim=2, samples=8, steps=40, snapshot_every=5, backend="numpy")
+    with pytest.raises(MemoryError):
+        run(config, str(out), backend=RunsOutOfMemory())
+    ds = mfres.open_run(str(out), load=True)
+    assert ds.attrs["status"] == "failed" and "MemoryError" in ds.attrs["status_message"]
+    assert "stopped without closing" not in cli("info", str(out)).stdout
+
+
+def test_info_on_a_file_that_is_not_a_run(tmp_path: Path) -> None:
+    with netCDF4.Dataset(tmp_path / "other.nc", "w") as nc:
+        nc.createDimension("n", 2)
+        nc.createVariable("z", "f8", ("n",))[:] = [1.0, 2.0]
+    res = cli("info", str(tmp_path / "other.nc"))
+    assert res.returncode == 4 and res.stderr.strip() == f"Error: {tmp_path / 'other.nc'} is not a run file " \
+        "(made by mfres simulate)", res.stderr
