@@ -147,7 +147,7 @@ def _one_run_file(cfg: RunConfig, path: str) -> tuple[np.ndarray, str, str, str]
     backend = worker_backend(cfg.backend, cfg.threads, cfg.device, cfg.memory)
     status, msg = "ok", ""
     try:
-        run(cfg, path, backend=backend, overwrite=True, command="mfres sweep --keep-runs")
+        run(cfg, path, backend=backend, overwrite=True, command="mfres sweep --keep-runs", warn=False)
     except RunStopped as e:
         status, msg = ("diverged" if "diverged" in str(e) else "failed"), str(e)
     with open_run(path, load=True) as ds:
