@@ -1,5 +1,6 @@
-# What the Python bridge (pyfront/mfres/backends/julia_backend.py) calls. Names
-# carry no `!` (Python cannot spell it) and the activation comes as a string.
+# What the Python bridges call: juliacall (pyfront/mfres/backends/julia_backend.py)
+# and the executable transport's server (jl/server.jl). Names carry no `!` (Python
+# cannot spell it) and the activation comes as a string.
 
 """
     host_array(x) -> Array

@@ -236,10 +236,11 @@ def test_exe_transport_stops_at_first_nonfinite_loss(exe_backends: dict[int, Jul
     jl = _backend(exe_backends, 1)
     theta, prob = _problem("tanh", 4, 12, 3, 24, 0.0, "float64")
     ref = theta.copy()
-    traj = jl.advance(theta, prob, 2000.0, 50)
-    want = NumpyBackend().advance(ref, prob, 2000.0, 50)
-    assert not traj.finite and len(traj.loss) == len(want.loss) < 51
-    np.testing.assert_allclose(traj.loss[:-1], want.loss[:-1], rtol=1e-12)
+    traj = jl.advance(theta, prob, 2000.0, 400)
+    want = NumpyBackend().advance(ref, prob, 2000.0, 400)
+    assert not traj.finite and len(traj.loss) == len(want.loss) < 401
+    np.testing.assert_allclose(traj.loss[:-1], want.loss[:-1], rtol=1e-9)
+    np.testing.assert_allclose(theta.U, ref.U, rtol=1e-9)  # the state that produced the non-finite E
 
 
 def test_julia_error_comes_back_as_backend_error_and_a_dead_child_is_reported(julia: str) -> None:
@@ -368,7 +369,8 @@ def test_ctrl_c_finishes_the_chunk_and_stops_julia(julia: str, tmp_path: Path) -
     import mfres
 
     out = tmp_path / "int.nc"
-    proc = subprocess.Popen([sys.executable, "-m", "mfres.cli", "simulate", *RUN, "--steps", "100000000",
+    args = [*RUN[:-2], "--snapshot-every", "1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "mfres.cli", "simulate", *args, "--steps", "200000",
                              "--backend", "julia", "--threads", "1", "--quiet", "--out", str(out)],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **JULIA_ENV, "MFRES_JULIA": julia})
     try:

@@ -150,17 +150,16 @@ def describe(threads: int | None = None) -> str:
         n = julia_backend.expected_threads(threads)
         return (f"julia backend: juliacall (in-process), {where}, {n} thread(s); --backend auto picks it")
     if transport == "executable":
-        found = julia_exe.find_executable()
-        assert found is not None
+        located = julia_exe.locate()
+        assert located is not None
+        path, version, origin = located
         opts, source = julia_exe.thread_option(threads)
         if opts:
             count = opts[1] if opts[1] != "auto" else f"{os.cpu_count()} (auto)"
         else:
             count = os.environ.get("JULIA_NUM_THREADS", "1")
-        origin = next((src for src, exe in julia_exe.candidates()
-                       if (julia_exe.shutil.which(exe) or exe) == found[0]), "?")
         return (f"julia backend: executable transport (a child process, shared memory), "
-                f"Julia {'.'.join(map(str, found[1]))} at {found[0]} (from {origin}), {count} thread(s) "
+                f"Julia {'.'.join(map(str, version))} at {path} (from {origin}), {count} thread(s) "
                 f"(from {source}); --backend auto picks it")
     return ("julia backend: not usable here (no juliacall environment resolved, no Julia >= 1.5 in "
             "$MFRES_JULIA, $JULIA or on PATH); --backend auto picks numpy")

@@ -19,7 +19,9 @@ The other transport, a Julia executable in a child process, is ``julia_exe``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import re
 import shutil
@@ -166,12 +168,14 @@ def cuda_resolved() -> bool:
     except ImportError:
         return False
     try:
-        _, declared = juliapkg.deps.find_requirements()
         meta = juliapkg.deps.load_meta() or {}
+        if "CUDA" not in {p.get("name") for p in meta.get("pkgs", []) if isinstance(p, dict)}:
+            return False
+        with contextlib.redirect_stdout(io.StringIO()):  # juliapkg logs each file it reads
+            _, declared = juliapkg.deps.find_requirements()
     except Exception:  # an unreadable juliapkg.json: treated as not declared
         return False
-    resolved = {p.get("name") for p in meta.get("pkgs", []) if isinstance(p, dict)}
-    return any(p.name == "CUDA" for p in declared) and "CUDA" in resolved
+    return any(p.name == "CUDA" for p in declared)
 
 
 def start_julia(threads: int | None = None, device: str = "cpu") -> Any:

@@ -69,17 +69,23 @@ def candidates() -> list[tuple[str, str]]:
     return found
 
 
-def find_executable() -> tuple[str, tuple[int, int, int]] | None:
-    """The first Julia ≥ 1.5 among ``candidates()``, with its version; None if there is none.
+def locate() -> tuple[str, tuple[int, int, int], str] | None:
+    """(path, version, where from) of the first Julia ≥ 1.5 among ``candidates()``, or None.
 
     Runs ``julia --version`` (a fraction of a second); starts no Julia session."""
-    for _, exe in candidates():
+    for origin, exe in candidates():
         path = shutil.which(exe) or exe
         if os.path.isfile(path) and os.access(path, os.X_OK):
             v = julia_version(path)
             if v is not None and v >= MIN_VERSION:
-                return path, v
+                return path, v, origin
     return None
+
+
+def find_executable() -> tuple[str, tuple[int, int, int]] | None:
+    """The first Julia ≥ 1.5 among ``candidates()`` and its version, or None."""
+    found = locate()
+    return None if found is None else (found[0], found[1])
 
 
 def server_script() -> Path:
