@@ -274,15 +274,15 @@ class JuliaExeBackend:
         _LIVE.add(self)
         try:
             words = self._read_reply("ready", "starting")
+            self.version, self.threads = words[0], int(words[1])
+            self.startup_seconds = time.perf_counter() - t0
+            if threads and self.threads != threads:
+                raise BackendError(f"Julia started with {self.threads} threads, not the {threads} asked for")
+            if device != "cpu":
+                self._request(f"device {device}")
         except BaseException:
             self.close()
             raise
-        self.version, self.threads = words[0], int(words[1])
-        self.startup_seconds = time.perf_counter() - t0
-        if threads and self.threads != threads:
-            raise BackendError(f"Julia started with {self.threads} threads, not the {threads} asked for")
-        if device != "cpu":
-            self._request(f"device {device}")
 
     # --- protocol ------------------------------------------------------------
 
