@@ -419,3 +419,15 @@ def test_sweep_through_julia_equals_numpy(julia: str, tmp_path: Path) -> None:
     assert set(j["status"].values.ravel()) == {"ok"}
     assert set(j["backend"].values.ravel()) == {"julia"} and set(n["backend"].values.ravel()) == {"numpy"}
     np.testing.assert_allclose(j["loss"].values, n["loss"].values, rtol=1e-9)
+
+
+def test_device_cuda_without_cuda_jl_is_an_error_saying_why(julia: str, tmp_path: Path) -> None:
+    """--device cuda through the executable without CUDA.jl: a one-line error, no CPU run, no child left."""
+    pytest.importorskip("netCDF4")
+    out = tmp_path / "cuda.nc"
+    res = _cli("simulate", *RUN, "--steps", "5", "--backend", "auto", "--device", "cuda", "--quiet", "--out", str(out),
+               env={"MFRES_JULIA": julia, "JULIA_DEPOT_PATH": str(tmp_path / "depot")}, timeout=300)
+    assert res.returncode == 3, res.stderr
+    assert res.stderr.startswith("Error: Julia: CUDA.jl is not installed for this Julia"), res.stderr
+    assert "--device cpu" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
