@@ -69,7 +69,9 @@ def ms_per_step_loop(backend: JuliaExeBackend, size: dict, n1: int, n2: int, fol
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sizes", default="small,medium", help="comma list of: small, medium")
     args = ap.parse_args()
+    args.sizes = args.sizes.split(",")
     found = find_executable()
     if found is None:
         raise SystemExit("no Julia: set MFRES_JULIA")
@@ -99,14 +101,21 @@ def main() -> None:
             t_adv = min(_timed(jl.advance, theta, prob, 1e-3, 0) for _ in range(20))
             t_grad = min(_timed(jl.loss_and_grad, theta, prob) for _ in range(20))
             n1, n2 = STEPS[name]
+            if name not in args.sizes:
+                continue
+            adv = {}
+            for n in (n1, n2):
+                adv[n] = min(_timed(jl.advance, theta, prob, 1e-3, n) for _ in range(3))
+            transport = 1e3 * (adv[n2] - adv[n1]) / (n2 - n1)
             loop = ms_per_step_loop(jl, size, n1, n2, folder)
             L, M, d, N = size["depth"], size["width"], size["dim"], size["samples"]
             out = subprocess.run([exe, "-t", str(args.threads), "--startup-file=no", "-e", KERNELS, str(ROOT),
                                   *map(str, (L, M, d, N, n1, n2))], capture_output=True, text=True, check=True)
             kern = 1e3 * float(out.stdout.split()[-1])
             print(f"{name} (L={L} M={M} d={d} N={N}): advance(0 steps) {1e3 * t_adv:.3f} ms, loss_and_grad "
-                  f"{1e3 * t_grad:.3f} ms; ms/step through mfres.train.run {loop:.4f}, kernels alone {kern:.4f} "
-                  f"(+{100 * (loop / kern - 1):.1f}%)")
+                  f"{1e3 * t_grad:.3f} ms; ms/step: kernels alone {kern:.4f}, through backend.advance "
+                  f"{transport:.4f} ({100 * (transport / kern - 1):+.1f}%), through mfres.train.run {loop:.4f} "
+                  f"({100 * (loop / kern - 1):+.1f}%)")
     jl.close()
 
 
