@@ -431,3 +431,15 @@ def test_device_cuda_without_cuda_jl_is_an_error_saying_why(julia: str, tmp_path
     assert res.stderr.startswith("Error: Julia: CUDA.jl is not installed for this Julia"), res.stderr
     assert "--device cpu" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_exe_threads_from_option_or_the_users_julia_num_threads(julia: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads wins; without it the user's JULIA_NUM_THREADS is respected (no -t given)."""
+    monkeypatch.setenv("JULIA_NUM_THREADS", "2")
+    with JuliaExeBackend(julia) as jl:
+        assert (jl.threads, jl.threads_from) == (2, "JULIA_NUM_THREADS")
+    with JuliaExeBackend(julia, threads=1) as jl:
+        assert (jl.threads, jl.threads_from) == (1, "--threads")
+    monkeypatch.delenv("JULIA_NUM_THREADS")
+    with JuliaExeBackend(julia) as jl:
+        assert (jl.threads, jl.threads_from) == (os.cpu_count(), "all cores")
