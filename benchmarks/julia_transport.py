@@ -107,6 +107,12 @@ def main() -> None:
             for n in (n1, n2):
                 adv[n] = min(_timed(jl.advance, theta, prob, 1e-3, n) for _ in range(3))
             transport = 1e3 * (adv[n2] - adv[n1]) / (n2 - n1)
+            over = []
+            for _ in range(10):
+                wall = _timed(jl.advance, theta, prob, 1e-3, n1)
+                over.append(wall - jl.kernel_seconds)
+            print(f"{name}: a chunk of {n1} steps: {1e3 * jl.kernel_seconds:.2f} ms in the kernels (timed in Julia), "
+                  f"transport overhead (wall − kernels) median {1e3 * np.median(over):.3f} ms")
             loop = ms_per_step_loop(jl, size, n1, n2, folder)
             L, M, d, N = size["depth"], size["width"], size["dim"], size["samples"]
             out = subprocess.run([exe, "-t", str(args.threads), "--startup-file=no", "-e", KERNELS, str(ROOT),

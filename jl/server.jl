@@ -14,7 +14,8 @@
 #       map the file (T = float64 | float32; o* are byte offsets; B = 0 for one net);
 #       losses and norms are (B, CAP + 1) Float64 in C order
 #   warmup T ACT ETA        compile for one element type and activation (tiny problem)
-#   advance N DS ACT ETA WD advance every net by N steps; "ok K": K values per net
+#   advance N DS ACT ETA WD advance every net by N steps; "ok K S": K values per net,
+#                           S seconds in the kernels
 #   gradient ACT ETA WD     E and ∇E of net 1 into gU, gW, gb; "ok E"
 #   device cpu|cuda         where the kernels run (cuda needs CUDA.jl for this Julia)
 #   close                   "ok bye", then exit
@@ -89,12 +90,14 @@ function advance(words)
     n + 1 <= size(m.losses, 1) || error("$n steps do not fit the shared loss buffer ($(size(m.losses, 1) - 1))")
     X, y, a = on_device(m.X), on_device(m.y), on_device(m.a)
     Us, Ws, bs = map(on_device, m.U), map(on_device, m.W), map(on_device, m.b)
+    t0 = time_ns()
     k = Base.invokelatest(MFRes.advance_nets, Us, Ws, bs, X, y, a, Δs, n, act, eta, wd,
                           view(m.losses, 1:n+1, :), view(m.norms, 1:n+1, :); stop_nonfinite = m.single)
+    seconds = (time_ns() - t0) / 1e9
     foreach(back!, m.U, Us)
     foreach(back!, m.W, Ws)
     foreach(back!, m.b, bs)
-    return "ok $k"
+    return "ok $k $seconds"
 end
 
 function gradient(words)

@@ -242,7 +242,8 @@ class JuliaExeBackend:
     Attributes after start: ``exe``, ``version``, ``threads`` (Julia's count),
     ``threads_from`` (--threads, JULIA_NUM_THREADS or all cores), ``pid``, and
     ``startup_seconds``: Julia's start plus compilation, accumulated (the first
-    chunk of each dtype and activation compiles the kernels once).
+    chunk of each dtype and activation compiles the kernels once), and
+    ``kernel_seconds``: the time the last ``advance`` spent in the kernels (timed in Julia).
     """
 
     name = "julia"
@@ -261,6 +262,7 @@ class JuliaExeBackend:
         self._shared: _Shared | None = None
         self._warm: set[tuple[str, str, float]] = set()
         self._buf = b""
+        self.kernel_seconds = 0.0
         opts, self.threads_from = thread_option(threads)
         argv = [exe, *opts, "--startup-file=no", "--history-file=no", str(server_script())]
         self._stderr = tempfile.TemporaryFile()
@@ -384,7 +386,8 @@ class JuliaExeBackend:
     def advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
         """n GD steps in place (a batch: all nets, never stopping early), as ``NumpyBackend``."""
         sh = self._prepare(theta, problem, n)
-        k = int(self._request(f"advance {int(n)} {float(ds)!r} {self._tail(problem)}")[0])
+        reply = self._request(f"advance {int(n)} {float(ds)!r} {self._tail(problem)}")
+        k, self.kernel_seconds = int(reply[0]), float(reply[1])
         tb = theta.batched()
         tb.U[...] = sh.arrays["U"]
         tb.W[...] = sh.arrays["W"]
