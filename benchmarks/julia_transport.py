@@ -10,8 +10,8 @@ Prints (one line each):
   memory and the loss read-back) at each size;
 - ms/step by step-count differencing, (t(n2) − t(n1)) / (n2 − n1): through
   ``mfres.train.run`` (the loop ``mfres simulate`` runs, with its run file, snapshots and
-  chunking) on one warm backend, and the kernels alone (``gd!`` inside the same Julia
-  version, timed in Julia).
+  chunking) on one warm backend, through ``backend.advance``, and the kernels alone
+  (the server's own timing of ``gd!``; with ``--separate`` also ``gd!`` in a separate Julia).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", default="small,medium", help="comma list of: small, medium")
+    ap.add_argument("--separate", action="store_true",
+                    help="also time the kernels alone in a separate Julia process (compiles again)")
     args = ap.parse_args()
     args.sizes = args.sizes.split(",")
     found = find_executable()
@@ -103,10 +105,12 @@ def main() -> None:
             n1, n2 = STEPS[name]
             if name not in args.sizes:
                 continue
-            adv = {}
+            adv, inside = {}, {}
             for n in (n1, n2):
-                adv[n] = min(_timed(jl.advance, theta, prob, 1e-3, n) for _ in range(3))
+                runs = [(_timed(jl.advance, theta, prob, 1e-3, n), jl.kernel_seconds) for _ in range(3)]
+                adv[n], inside[n] = min(runs)
             transport = 1e3 * (adv[n2] - adv[n1]) / (n2 - n1)
+            in_julia = 1e3 * (inside[n2] - inside[n1]) / (n2 - n1)
             over = []
             for _ in range(10):
                 wall = _timed(jl.advance, theta, prob, 1e-3, n1)
@@ -115,9 +119,13 @@ def main() -> None:
                   f"transport overhead (wall − kernels) median {1e3 * np.median(over):.3f} ms")
             loop = ms_per_step_loop(jl, size, n1, n2, folder)
             L, M, d, N = size["depth"], size["width"], size["dim"], size["samples"]
-            out = subprocess.run([exe, "-t", str(args.threads), "--startup-file=no", "-e", KERNELS, str(ROOT),
-                                  *map(str, (L, M, d, N, n1, n2))], capture_output=True, text=True, check=True)
-            kern = 1e3 * float(out.stdout.split()[-1])
+            kern = in_julia
+            if args.separate:
+                out = subprocess.run([exe, "-t", str(args.threads), "--startup-file=no", "-e", KERNELS, str(ROOT),
+                                      *map(str, (L, M, d, N, n1, n2))], capture_output=True, text=True, check=True)
+                kern = 1e3 * float(out.stdout.split()[-1])
+                print(f"{name}: kernels in a separate Julia {kern:.4f} ms/step, timed inside the server "
+                      f"{in_julia:.4f} ms/step")
             print(f"{name} (L={L} M={M} d={d} N={N}): advance(0 steps) {1e3 * t_adv:.3f} ms, loss_and_grad "
                   f"{1e3 * t_grad:.3f} ms; ms/step: kernels alone {kern:.4f}, through backend.advance "
                   f"{transport:.4f} ({100 * (transport / kern - 1):+.1f}%), through mfres.train.run {loop:.4f} "
