@@ -31,8 +31,12 @@ Load the CUDA glue (`cuda.jl`), given the `CUDA` module of a session where
 """
 function use_cuda!(cuda::Module)
     isdefined(MFRes, :CUDAGlue) || Base.include(MFRes, joinpath(@__DIR__, "cuda.jl"))
-    getfield(MFRes, :CUDAGlue).CUDA_MODULE[] = cuda
+    # the include defines CUDAGlue in a newer world than this running call: on
+    # Julia ≥ 1.12 only invokelatest sees the new binding
+    Base.invokelatest(set_cuda_module!, cuda)
     return nothing
 end
+
+set_cuda_module!(cuda::Module) = (getfield(MFRes, :CUDAGlue).CUDA_MODULE[] = cuda; nothing)
 
 end # module

@@ -1,5 +1,6 @@
-# What the Python bridge (pyfront/mfres/backends/julia_backend.py) calls. Names
-# carry no `!` (Python cannot spell it) and the activation comes as a string.
+# What the Python bridges call: juliacall (pyfront/mfres/backends/julia_backend.py)
+# and the executable transport's server (jl/server.jl). Names carry no `!` (Python
+# cannot spell it) and the activation comes as a string.
 
 """
     host_array(x) -> Array
@@ -41,6 +42,29 @@ function advance_chunk(U, W, b, X, y, a, Δs::Real, nsteps::Integer, activation:
     k = gd!(ws, U, W, b, X, y, a, Δs, nsteps, MFRes.activation(Symbol(activation); eta = eta);
             weight_decay = weight_decay, losses = losses, norms = norms, stop_nonfinite = true)
     return losses[1:k], norms[1:k]
+end
+
+"""
+    advance_nets(Us, Ws, bs, X, y, a, Δs, nsteps, activation, eta, weight_decay, losses, norms;
+                 stop_nonfinite = false) -> k
+
+A batch of nets on the same data: net `j` (θ = `Us[j], Ws[j], bs[j]`, mutated in place)
+advances by `nsteps` GD steps, writing its E and RMS velocities into `losses[1:k, j]`,
+`norms[1:k, j]`. The nets run one after the other on one cached workspace. With
+`stop_nonfinite` (meant for one net) a net stops at its first non-finite E and `k` is
+the number of values written for the last net; otherwise `k = nsteps + 1`.
+"""
+function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activation::AbstractString, eta::Real,
+                      weight_decay::Real, losses::AbstractMatrix{Float64}, norms::AbstractMatrix{Float64};
+                      stop_nonfinite::Bool = false)
+    σ = MFRes.activation(Symbol(activation); eta = eta)
+    k = nsteps + 1
+    for j in eachindex(Us)
+        ws = cached_workspace(Us[j], X)
+        k = gd!(ws, Us[j], Ws[j], bs[j], X, y, a, Δs, nsteps, σ; weight_decay = weight_decay,
+                losses = view(losses, :, j), norms = view(norms, :, j), stop_nonfinite = stop_nonfinite)
+    end
+    return k
 end
 
 """

@@ -25,12 +25,23 @@ def julia_executable() -> str | None:
     return exe if exe and os.access(exe, os.X_OK) else None
 
 
+JULIA = julia_executable()
+
+
 @pytest.fixture
 def julia() -> str:
-    exe = julia_executable()
-    if exe is None:
+    if JULIA is None:
         pytest.skip("no Julia: set MFRES_JULIA or put julia on PATH (.ci/run installs one)")
-    return exe
+    return JULIA
+
+
+@pytest.fixture(autouse=True)
+def _auto_means_numpy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a Julia around (MFRES_JULIA in CI), ``--backend auto`` now picks Julia, and each
+    process pays Julia's start-up and compilation. Tests that do not ask for Julia (the
+    ``julia`` fixture or the ``julia_auto`` marker) run with Julia hidden from ``auto``."""
+    if "julia" not in request.fixturenames and request.node.get_closest_marker("julia_auto") is None:
+        monkeypatch.setenv("MFRES_JULIA_TRANSPORT", "none")
 
 
 @pytest.fixture(params=ACTIVATIONS)

@@ -1,25 +1,32 @@
 """The Julia kernels: their own suite under 1 and 2 threads, conformance with the NumPy
-backend, `fatou lint`, and the wheel that carries them."""
+backend, `fatou lint`, the wheel that carries them; and the executable transport (a Julia
+child process): conformance, errors, a dead child, no orphans, the CLI, Ctrl-C, sweeps."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ACTIVATIONS, JULIA, ROOT
 from reference import autograd_loss_and_grad
 
 from mfres import activations
 from mfres.backends import Problem
+from mfres.backends.julia_exe import JuliaExeBackend
 from mfres.backends.numpy_backend import NumpyBackend
 from mfres.data import builtin
+from mfres.errors import BackendError
 from mfres.init import initial_particles
+from mfres.model import Particles
 
 CASES = [
     # name, L, M, d, N, activation, init, weight decay, Δs, steps, dtype
@@ -130,3 +137,309 @@ def test_wheel_carries_julia_sources(tmp_path: Path) -> None:
         assert f in names, f
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "mfres = mfres.cli:main" in entry
+
+
+# --- the executable transport (mfres.backends.julia_exe) ----------------------
+
+JULIA_ENV = {"MFRES_JULIA_TRANSPORT": "executable", "JULIA_NUM_THREADS": ""}
+
+
+def _problem(act: str, L: int, M: int, d: int, N: int, wd: float, dtype: str, init: str = "iid",
+             seed: int = 2) -> tuple[Particles, Problem]:
+    data = builtin("sphere", N, d, data_seed=1)
+    dt = np.dtype(dtype)
+    theta = initial_particles(init, L, M, d, seed=seed, dtype=dt)
+    return theta, Problem.from_data(data, activations.parse(act), wd, dt)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def exe_backends() -> Iterator[dict[int, JuliaExeBackend]]:
+    """One Julia child per thread count, shared by the module's tests (each start compiles the kernels)."""
+    if JULIA is None:
+        pytest.skip("no Julia: set MFRES_JULIA or put julia on PATH (.ci/run installs one)")
+    live: dict[int, JuliaExeBackend] = {}
+    yield live
+    for b in live.values():
+        b.close()
+
+
+def _backend(live: dict[int, JuliaExeBackend], threads: int) -> JuliaExeBackend:
+    if threads not in live:
+        live[threads] = JuliaExeBackend(JULIA, threads=threads)
+    assert live[threads].threads == threads
+    return live[threads]
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_exe_transport_equals_numpy_every_activation(exe_backends: dict[int, JuliaExeBackend], act: str) -> None:
+    """300 GD steps through the child Julia: every E, velocity and the final θ equal NumPy's to 1e-12."""
+    jl = _backend(exe_backends, 1)
+    theta, prob = _problem(act, 5, 12, 3, 24, 0.01, "float64", init="smooth")
+    ref = theta.copy()
+    steps, ds = 300, (0.02 if act == "relu2" else 0.2)
+    traj = jl.advance(theta, prob, ds, steps)
+    want = NumpyBackend().advance(ref, prob, ds, steps)
+    assert traj.loss.shape == (steps + 1,) and traj.finite
+    np.testing.assert_allclose(traj.loss, want.loss, rtol=1e-12)
+    np.testing.assert_allclose(traj.grad_norm, want.grad_norm, rtol=1e-12)
+    for v in "UWb":
+        assert _rel(getattr(theta, v), getattr(ref, v)) < 1e-12, v
+    assert want.loss[-1] < 0.9 * want.loss[0]  # the run did train
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exe_transport_threads_float32_batches(exe_backends: dict[int, JuliaExeBackend], threads: int) -> None:
+    """Above the kernels' parallel threshold (N·M·d ≥ 2^16), in float32, and for a batch of nets
+    (one round trip per chunk), the child Julia follows the NumPy backend."""
+    jl = _backend(exe_backends, threads)
+    theta, prob = _problem("tanh", 3, 64, 4, 300, 0.0, "float64")
+    ref = theta.copy()
+    traj = jl.advance(theta, prob, 0.5, 200)
+    want = NumpyBackend().advance(ref, prob, 0.5, 200)
+    np.testing.assert_allclose(traj.loss, want.loss, rtol=1e-12)
+    assert _rel(theta.U, ref.U) < 1e-12 and _rel(theta.W, ref.W) < 1e-12 and _rel(theta.b, ref.b) < 1e-12
+
+    theta32, prob32 = _problem("tanh", 4, 16, 3, 32, 0.0, "float32")
+    ref32 = theta32.copy()
+    t32 = jl.advance(theta32, prob32, 0.5, 100)
+    w32 = NumpyBackend().advance(ref32, prob32, 0.5, 100)
+    assert theta32.U.dtype == np.float32
+    np.testing.assert_allclose(t32.loss, w32.loss, rtol=2e-4)
+    assert _rel(theta32.U, ref32.U) < 2e-4
+
+    nets = [_problem("tanh", 4, 10, 3, 20, 0.01, "float64", seed=s)[0] for s in (3, 4, 5)]
+    _, prob_b = _problem("tanh", 4, 10, 3, 20, 0.01, "float64")
+    batch = Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
+    ref_b = batch.copy()
+    tb = jl.advance(batch, prob_b, 0.3, 150)
+    wb = NumpyBackend().advance(ref_b, prob_b, 0.3, 150)
+    assert tb.loss.shape == (151, 3) == wb.loss.shape
+    np.testing.assert_allclose(tb.loss, wb.loss, rtol=1e-12)
+    np.testing.assert_allclose(tb.grad_norm, wb.grad_norm, rtol=1e-12)
+    assert _rel(batch.W, ref_b.W) < 1e-12
+    # each net of the batch is the single-net trajectory of its seed
+    single = nets[1].copy()
+    np.testing.assert_allclose(jl.advance(single, prob_b, 0.3, 150).loss, tb.loss[:, 1], rtol=1e-12)
+
+    E, g = jl.loss_and_grad(theta, prob)
+    E_ref, g_ref = NumpyBackend().loss_and_grad(theta, prob)
+    assert abs(E / E_ref - 1) < 1e-13
+    for v in "UWb":
+        assert _rel(getattr(g, v), getattr(g_ref, v)) < 1e-11, v
+
+
+def test_exe_transport_stops_at_first_nonfinite_loss(exe_backends: dict[int, JuliaExeBackend]) -> None:
+    jl = _backend(exe_backends, 1)
+    theta, prob = _problem("tanh", 4, 12, 3, 24, 0.0, "float64")
+    ref = theta.copy()
+    traj = jl.advance(theta, prob, 2000.0, 400)
+    want = NumpyBackend().advance(ref, prob, 2000.0, 400)
+    assert not traj.finite and len(traj.loss) == len(want.loss) < 401
+    np.testing.assert_allclose(traj.loss[:-1], want.loss[:-1], rtol=1e-9)
+    np.testing.assert_allclose(theta.U, ref.U, rtol=1e-9)  # the state that produced the non-finite E
+
+
+def test_julia_error_comes_back_as_backend_error_and_a_dead_child_is_reported(julia: str) -> None:
+    jl = JuliaExeBackend(julia, threads=1)
+    try:
+        theta, prob = _problem("tanh", 2, 3, 2, 5, 0.0, "float64")
+        bad = Problem(prob.x, prob.y, prob.a, activations.Activation("bogus"))
+        with pytest.raises(BackendError, match=r"^Julia: .*unknown activation bogus"):
+            jl.advance(theta, bad, 0.1, 3)
+        with pytest.raises(BackendError, match="unknown request"):
+            jl._request("frobnicate")
+        # the protocol stays in step after an error
+        assert jl._request("device cpu") == []
+        os.kill(jl.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match=rf"Julia process \(pid {jl.pid}\) was killed by SIGKILL"):
+            jl.advance(theta, prob, 0.1, 3)
+        assert time.monotonic() - t0 < 10
+    finally:
+        jl.close()
+
+
+PARENT = """
+import os, sys, time, numpy as np
+from mfres.backends.julia_exe import JuliaExeBackend
+from mfres.backends import Problem
+from mfres import activations
+from mfres.data import builtin
+from mfres.init import initial_particles
+jl = JuliaExeBackend(sys.argv[1], threads=1)
+print(jl.pid, flush=True)
+data = builtin("sphere", 20, 3, data_seed=1)
+theta = initial_particles("iid", 4, 8, 3, seed=2, dtype=np.dtype("float64"))
+jl.advance(theta, Problem.from_data(data, activations.parse(sys.argv[2]), 0.0, np.float64), 0.1, 100000)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_no_julia_child_survives_its_parent(julia: str) -> None:
+    """SIGKILL the parent while its Julia child is busy (compiling, then a long chunk): the child goes too."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, julia, "sigmoid"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **JULIA_ENV})
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        time.sleep(1.0)
+        assert _alive(child)
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), f"Julia child {child} outlived its parent"
+    finally:
+        parent.kill()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mfres.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **JULIA_ENV, **(env or {})}, timeout=timeout)
+
+
+RUN = ["--depth", "4", "--width", "10", "--dim", "3", "--samples", "30", "--ds", "0.5", "--seed", "3",
+       "--snapshot-every", "20"]
+
+
+def test_cli_simulate_and_resume_through_julia(julia: str, tmp_path: Path) -> None:
+    """`mfres simulate --backend julia` (Julia child, 2 threads) and its --resume write the run
+    file that the NumPy backend writes, step for step."""
+    import mfres
+
+    ref = tmp_path / "numpy.nc"
+    assert _cli("simulate", *RUN, "--steps", "80", "--backend", "numpy", "--quiet", "--out", str(ref)).returncode == 0
+    out = tmp_path / "julia.nc"
+    res = _cli("simulate", *RUN, "--steps", "40", "--backend", "julia", "--threads", "2", "--out", str(out),
+               env={"MFRES_JULIA": julia})
+    assert res.returncode == 0, res.stderr
+    assert "backend=julia" in res.stderr
+    res = _cli("simulate", *RUN, "--steps", "80", "--backend", "julia", "--threads", "2", "--out", str(out),
+               "--resume", "--quiet", env={"MFRES_JULIA": julia})
+    assert res.returncode == 0, res.stderr
+    with mfres.open_run(str(out), load=True) as j, mfres.open_run(str(ref), load=True) as n:
+        assert j.attrs["backend"] == "julia" and j.attrs["status"] == "finished"
+        np.testing.assert_allclose(j["loss"].values, n["loss"].values, rtol=1e-12)
+        assert j["loss"].shape == (81,)
+        for v in ("U", "W", "b"):
+            if v in j:
+                np.testing.assert_allclose(j[v].values, n[v].values, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.julia_auto
+def test_auto_picks_the_julia_executable(tmp_path: Path) -> None:
+    if JULIA is None:
+        pytest.skip("no Julia: set MFRES_JULIA or put julia on PATH (.ci/run installs one)")
+    from mfres.backends import describe, select
+
+    os.environ.pop("MFRES_JULIA_TRANSPORT", None)
+    env = {"MFRES_JULIA": JULIA, "PYTHON_JULIAPKG_EXE": ""}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        text = describe(threads=2)
+        assert "executable transport" in text and JULIA in text and "2 thread(s)" in text, text
+        backend = select("auto", threads=1)
+        try:
+            assert isinstance(backend, JuliaExeBackend) and backend.threads == 1
+            assert backend.version.startswith("1.") and backend.startup_seconds > 0
+            assert JULIA in backend.describe()
+        finally:
+            backend.close()
+        assert not _alive(backend.pid)
+
+
+def test_ctrl_c_finishes_the_chunk_and_stops_julia(julia: str, tmp_path: Path) -> None:
+    """SIGINT to mfres alone (the Julia child is in its own session): the chunk finishes, the run
+    file says interrupted with the resume command, and the child is gone."""
+    import mfres
+
+    out = tmp_path / "int.nc"
+    args = [*RUN[:-2], "--snapshot-every", "1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "mfres.cli", "simulate", *args, "--steps", "200000",
+                             "--backend", "julia", "--threads", "1", "--quiet", "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **JULIA_ENV, "MFRES_JULIA": julia})
+    try:
+        child = None
+        deadline = time.monotonic() + 120
+        while (child is None or not out.exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            if kids.exists() and kids.read_text().split():
+                child = int(kids.read_text().split()[0])
+        assert child is not None and out.exists()
+        assert os.getpgid(child) != os.getpgid(proc.pid)
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "interrupted by SIGINT" in err and "--resume" in err and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
+    with mfres.open_run(str(out), load=True) as ds:
+        assert ds.attrs["status"] == "interrupted" and int(ds.attrs["steps_done"]) >= 1
+
+
+def test_sweep_through_julia_equals_numpy(julia: str, tmp_path: Path) -> None:
+    """`mfres sweep --backend julia`: each Dask task's batch of seeds on the worker's Julia child."""
+    import inspect
+
+    import xarray as xr
+
+    from mfres.sweep import run_sweep
+
+    if "backend" not in inspect.signature(run_sweep).parameters:
+        pytest.skip("mfres sweep does not take a backend yet (the sweep helper's part, issue 9)")
+
+    args = ["--depth", "4", "--width", "6,12", "--seeds", "3", "--dim", "2", "--samples", "12", "--steps", "30",
+            "--ds", "0.2", "--init", "iid", "--workers", "1", "--quiet"]
+    for backend in ("numpy", "julia"):
+        res = _cli("sweep", *args, "--backend", backend, "--out", str(tmp_path / f"{backend}.nc"),
+                   env={"MFRES_JULIA": julia})
+        assert res.returncode == 0, res.stderr
+    j, n = (xr.load_dataset(tmp_path / f"{b}.nc") for b in ("julia", "numpy"))
+    assert set(j["status"].values.ravel()) == {"ok"}
+    assert set(j["backend"].values.ravel()) == {"julia"} and set(n["backend"].values.ravel()) == {"numpy"}
+    np.testing.assert_allclose(j["loss"].values, n["loss"].values, rtol=1e-9)
+
+
+def test_device_cuda_without_cuda_jl_is_an_error_saying_why(julia: str, tmp_path: Path) -> None:
+    """--device cuda through the executable without CUDA.jl: a one-line error, no CPU run, no child left."""
+    pytest.importorskip("netCDF4")
+    out = tmp_path / "cuda.nc"
+    res = _cli("simulate", *RUN, "--steps", "5", "--backend", "auto", "--device", "cuda", "--quiet", "--out", str(out),
+               env={"MFRES_JULIA": julia, "JULIA_DEPOT_PATH": str(tmp_path / "depot")}, timeout=300)
+    assert res.returncode == 3, res.stderr
+    assert res.stderr.startswith("Error: Julia: CUDA.jl is not installed for this Julia"), res.stderr
+    assert "--device cpu" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_exe_threads_from_option_or_the_users_julia_num_threads(julia: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads wins; without it the user's JULIA_NUM_THREADS is respected (no -t given)."""
+    monkeypatch.setenv("JULIA_NUM_THREADS", "2")
+    with JuliaExeBackend(julia) as jl:
+        assert (jl.threads, jl.threads_from) == (2, "JULIA_NUM_THREADS")
+    with JuliaExeBackend(julia, threads=1) as jl:
+        assert (jl.threads, jl.threads_from) == (1, "--threads")
+    monkeypatch.delenv("JULIA_NUM_THREADS")
+    with JuliaExeBackend(julia) as jl:
+        assert (jl.threads, jl.threads_from) == (os.cpu_count(), "all cores")

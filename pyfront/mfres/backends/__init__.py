@@ -7,11 +7,19 @@ A backend evaluates E and ∇E and advances θ by GD steps; everything above it
 steps ``θ ← θ − Δs L M ∇E`` and returns a ``Trajectory`` of the n + 1 values of
 E (before each step and after the last) and the RMS particle velocity at the same
 points. It stops early at the first non-finite E: the trajectory then ends with
-that value and ``theta`` is the state that produced it.
+that value and ``theta`` is the state that produced it. A batch of nets (particles
+with a leading axis B) advances every net by n steps (E and velocities of shape
+(n + 1, B)) and never stops early.
+
+Backends: ``numpy_backend.NumpyBackend`` (the reference), ``julia_backend.JuliaBackend``
+(juliacall, in-process) and ``julia_exe.JuliaExeBackend`` (a Julia executable in a child
+process, arrays in shared memory). Julia backends have ``transport``, ``threads``,
+``startup_seconds`` (Julia's start and compilation), ``describe()`` and ``close()``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,17 +74,92 @@ class Backend(Protocol):
         ...
 
 
+TRANSPORT_VARIABLE = "MFRES_JULIA_TRANSPORT"
+
+
+def julia_transport() -> str | None:
+    """How ``--backend julia`` reaches Julia here, without starting it or downloading anything:
+    ``"juliacall"`` where juliacall can start without downloads, else ``"executable"`` where a
+    Julia ≥ 1.5 is found ($MFRES_JULIA, $JULIA, ``julia`` on PATH), else None.
+    ``MFRES_JULIA_TRANSPORT=juliacall|executable`` restricts the choice to one of the two,
+    ``none`` hides Julia (``auto`` then means NumPy)."""
+    from . import julia_backend, julia_exe
+
+    only = os.environ.get(TRANSPORT_VARIABLE, "").strip().lower()
+    if only not in ("", "juliacall", "executable", "none"):
+        raise BackendError(f"{TRANSPORT_VARIABLE} must be juliacall, executable or none, not {only!r}")
+    if only in ("", "juliacall") and julia_backend.usable_without_download():
+        return "juliacall"
+    if only in ("", "executable") and julia_exe.find_executable() is not None:
+        return "executable"
+    return None
+
+
+def _no_julia(why: str) -> BackendError:
+    return BackendError(f"{why}: no usable Julia here. Set MFRES_JULIA (or JULIA) to a Julia >= 1.5 executable "
+                        "or put julia on PATH; juliacall needs Julia >= 1.10.3 resolved by juliapkg beforehand. "
+                        "Or use --backend numpy")
+
+
 def select(name: str = "auto", threads: int | None = None, device: str = "cpu", memory: str = "auto") -> Backend:
-    """The backend called ``name``; ``auto`` is Julia where it is usable without downloads, else NumPy."""
-    from . import julia_backend
+    """The backend called ``name``: ``numpy``, ``julia`` (juliacall if it can start without
+    downloads, else a Julia executable) or ``auto`` (Julia whenever one of the two is usable,
+    else NumPy; never downloads). ``device="cuda"`` needs a CUDA-capable Julia: without one it
+    is a ``BackendError`` saying why, never a CPU run."""
+    if name not in ("auto", "numpy", "julia"):
+        raise BackendError(f"unknown backend {name!r}; choose auto, numpy or julia")
+    if device not in ("cpu", "cuda"):
+        raise BackendError(f"unknown device {device!r}; choose cpu or cuda")
+    if name == "numpy":
+        if device != "cpu":
+            raise BackendError("--device cuda needs the Julia backend; the NumPy backend runs on the CPU only")
+        from .numpy_backend import NumpyBackend
+
+        return NumpyBackend(memory)
+    transport = julia_transport()
+    if transport == "juliacall":
+        from .julia_backend import JuliaBackend
+
+        return JuliaBackend(threads=threads, device=device, memory=memory)
+    if transport == "executable":
+        from .julia_exe import JuliaExeBackend
+
+        return JuliaExeBackend(threads=threads, device=device, memory=memory)
+    if name == "julia":
+        raise _no_julia("--backend julia")
+    if device != "cpu":
+        raise _no_julia("--device cuda needs the Julia backend with CUDA.jl")
     from .numpy_backend import NumpyBackend
 
-    if name == "numpy":
-        return NumpyBackend(memory)
-    if name == "julia":
-        return julia_backend.JuliaBackend(threads=threads, device=device)
-    if name == "auto":
-        if julia_backend.usable_without_download():
-            return julia_backend.JuliaBackend(threads=threads, device=device)
-        return NumpyBackend(memory)
-    raise BackendError(f"unknown backend {name!r}; choose auto, numpy or julia")
+    return NumpyBackend(memory)
+
+
+def describe(threads: int | None = None) -> str:
+    """What ``mfres info`` shows about the Julia backend: which transport ``--backend julia``
+    and ``auto`` would use, which Julia (path, version), how many threads. Starts no Julia
+    (runs ``julia --version``)."""
+    from . import julia_backend, julia_exe
+
+    try:
+        transport = julia_transport()
+    except BackendError as e:
+        return f"julia backend: {e}"
+    if transport == "juliacall":
+        found = julia_backend.find_julia()
+        where = f"Julia {'.'.join(map(str, found[1]))} at {found[0]}" if found else "juliapkg's Julia"
+        n = julia_backend.expected_threads(threads)
+        return (f"julia backend: juliacall (in-process), {where}, {n} thread(s); --backend auto picks it")
+    if transport == "executable":
+        located = julia_exe.locate()
+        assert located is not None
+        path, version, origin = located
+        opts, source = julia_exe.thread_option(threads)
+        if opts:
+            count = opts[1] if opts[1] != "auto" else f"{os.cpu_count()} (auto)"
+        else:
+            count = os.environ.get("JULIA_NUM_THREADS", "1")
+        return (f"julia backend: executable transport (a child process, shared memory), "
+                f"Julia {'.'.join(map(str, version))} at {path} (from {origin}), {count} thread(s) "
+                f"(from {source}); --backend auto picks it")
+    return ("julia backend: not usable here (no juliacall environment resolved, no Julia >= 1.5 in "
+            "$MFRES_JULIA, $JULIA or on PATH); --backend auto picks numpy")

@@ -1,23 +1,35 @@
-"""The Julia backend: ``jl/MFRes.jl`` called through juliacall.
+"""The Julia backend through juliacall: ``jl/MFRes.jl`` inside this Python process.
 
 Kept thin on purpose: it starts Julia once per process, includes the module from
 the package's own ``jl/`` folder, converts θ to Julia arrays once per chunk and
-calls ``MFRes.advance!``, which runs the whole chunk of GD steps in Julia.
+calls ``MFRes.advance_chunk`` (one net) or ``MFRes.advance_nets`` (a batch), which
+run the whole chunk of GD steps in Julia.
 
 juliacall reads its options once, at its first import, so ``start_julia`` sets
-them in ``os.environ`` before importing it (threads; signal handling, which Julia
-needs with more than one thread), and nothing here imports juliacall before a
-Julia backend is asked for.
+them in ``os.environ`` before importing it: the thread count (``--threads``, else
+the user's ``PYTHON_JULIACALL_THREADS`` / ``JULIA_NUM_THREADS``, which juliacall
+reads itself) and, only with more than one thread, signal handling by Julia
+(needed then; it blocks SIGINT/SIGTERM in Python's main thread, which is undone
+right after the start). Nothing here imports juliacall before a Julia backend is
+asked for. CUDA.jl must be declared to juliapkg and resolved *before* Julia starts
+(``cuda_command()`` is the one command); it is never added to a live session.
+
+The other transport, a Julia executable in a child process, is ``julia_exe``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,27 +117,85 @@ def usable_without_download() -> bool:
     return find_julia() is not None
 
 
+def expected_threads(threads: int | None) -> int:
+    """The thread count juliacall will start Julia with: ``threads``, else the user's
+    ``PYTHON_JULIACALL_THREADS``, else ``JULIA_NUM_THREADS`` (juliacall's own default), else 1."""
+    if threads:
+        return int(threads)
+    value = os.environ.get("PYTHON_JULIACALL_THREADS") or os.environ.get("JULIA_NUM_THREADS") or "1"
+    if value.strip().split(",")[0] == "auto":
+        return os.cpu_count() or 1
+    try:
+        return int(value.strip().split(",")[0])
+    except ValueError:
+        return 1
+
+
 def juliacall_environment(threads: int | None) -> dict[str, str]:
-    """The juliacall options to set before its first import."""
-    env = {"PYTHON_JULIACALL_HANDLE_SIGNALS": "yes"}
-    env["PYTHON_JULIACALL_THREADS"] = str(threads) if threads else os.environ.get("PYTHON_JULIACALL_THREADS", "auto")
+    """The juliacall options to set before its first import (the user's own settings are kept,
+    but for ``--threads``, which wins). Signal handling by Julia only with more than one thread."""
+    env: dict[str, str] = {}
+    if threads:
+        env["PYTHON_JULIACALL_THREADS"] = str(int(threads))
+    if expected_threads(threads) > 1 and not os.environ.get("PYTHON_JULIACALL_HANDLE_SIGNALS"):
+        env["PYTHON_JULIACALL_HANDLE_SIGNALS"] = "yes"
     return env
 
 
-def start_julia(threads: int | None = None) -> Any:
+def unblock_stop_signals() -> None:
+    """Undo the blocking of SIGINT/SIGTERM that Julia's signal handling leaves on this (the
+    main) thread, so that Ctrl-C and SIGTERM reach the training loop's handlers again."""
+    if threading_is_main() and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def cuda_command() -> str:
+    """The one command that declares CUDA.jl to juliapkg and installs it (run once, with network)."""
+    return (f"{os.path.basename(sys.executable)} -c \"import juliapkg; juliapkg.add('CUDA', '{CUDA_UUID}'); "
+            "juliapkg.resolve()\"")
+
+
+def cuda_resolved() -> bool:
+    """True if CUDA.jl is declared to juliapkg and its environment was resolved with it (no download needed)."""
+    try:
+        import juliapkg.deps
+    except ImportError:
+        return False
+    try:
+        meta = juliapkg.deps.load_meta() or {}
+        if "CUDA" not in {p.get("name") for p in meta.get("pkgs", []) if isinstance(p, dict)}:
+            return False
+        with contextlib.redirect_stdout(io.StringIO()):  # juliapkg logs each file it reads
+            _, declared = juliapkg.deps.find_requirements()
+    except Exception:  # an unreadable juliapkg.json: treated as not declared
+        return False
+    return any(p.name == "CUDA" for p in declared)
+
+
+def start_julia(threads: int | None = None, device: str = "cpu") -> Any:
     """Start Julia (once per process) and return the ``MFRes`` module; raise ``BackendError`` if it cannot."""
+    if device == "cuda" and not _STATE.get("cuda") and not cuda_resolved():
+        raise BackendError("--device cuda needs CUDA.jl in juliacall's Julia environment, installed before Julia "
+                           f"starts; run once: {cuda_command()}")
     if "MFRes" in _STATE:
         if threads and threads != _STATE["threads"]:
-            raise BackendError(f"Julia already runs with {_STATE['threads']} threads in this process; "
-                               f"the thread count is fixed when Julia starts")
+            warnings.warn(f"--threads {threads} cannot take effect: Julia already runs in this process with "
+                          f"{_STATE['threads']} thread(s) (the count is fixed when Julia starts)", stacklevel=2)
         return _STATE["MFRes"]
-    if "juliacall" not in sys.modules:
-        for k, v in juliacall_environment(threads).items():
-            if k == "PYTHON_JULIACALL_HANDLE_SIGNALS":
-                os.environ.setdefault(k, v)
-            else:
-                os.environ[k] = v
+    if "juliacall" in sys.modules:
+        if threads:
+            warnings.warn(f"--threads {threads} may not take effect: juliacall was imported before mfres "
+                          "started Julia, so its thread count is already fixed", stacklevel=2)
+    else:
+        os.environ.update(juliacall_environment(threads))
     source = julia_source_dir()
+    t0 = time.perf_counter()
     try:
         import juliacall
     except Exception as e:  # juliapkg raises plain Exceptions (no Julia, no network, ...)
@@ -141,25 +211,27 @@ def start_julia(threads: int | None = None) -> Any:
         nthreads = int(bridge.seval("Threads.nthreads()"))
     except Exception as e:
         raise BackendError(f"loading jl/MFRes.jl into Julia failed: {e}") from None
-    _STATE.update(MFRes=mfres_jl, bridge=bridge, threads=nthreads, juliacall=juliacall)
+    finally:
+        if os.environ.get("PYTHON_JULIACALL_HANDLE_SIGNALS") == "yes":
+            unblock_stop_signals()
+    if threads and nthreads != threads:
+        warnings.warn(f"--threads {threads} did not take effect: Julia runs with {nthreads} thread(s)", stacklevel=2)
+    _STATE.update(MFRes=mfres_jl, bridge=bridge, threads=nthreads, juliacall=juliacall,
+                  startup_seconds=time.perf_counter() - t0)
     return mfres_jl
 
 
 def enable_cuda() -> None:
-    """Load CUDA.jl (adding it through juliapkg on first use) and MFRes's CUDA glue."""
+    """Load CUDA.jl (declared and resolved through juliapkg before Julia started) and MFRes's CUDA glue."""
     if _STATE.get("cuda"):
         return
-    import juliapkg
-
-    if not any(p.name == "CUDA" for p in _required_packages(juliapkg)):
-        juliapkg.add("CUDA", CUDA_UUID)
-        juliapkg.resolve()
     bridge = _STATE["bridge"]
     try:
         bridge.seval("using CUDA")
-        bridge.seval("MFRes.use_cuda!(CUDA)")
         if not bool(bridge.seval("CUDA.functional()")):
-            raise BackendError("CUDA.jl loaded but reports no usable GPU (CUDA.functional() is false)")
+            raise BackendError("CUDA.jl loaded but reports no usable GPU (CUDA.functional() is false); "
+                               "use --device cpu")
+        bridge.seval("MFRes.use_cuda!(CUDA)")
     except BackendError:
         raise
     except Exception as e:
@@ -167,27 +239,33 @@ def enable_cuda() -> None:
     _STATE["cuda"] = True
 
 
-def _required_packages(juliapkg: Any) -> list[Any]:
-    try:
-        return list(juliapkg.deps.required_packages())
-    except Exception:
-        return []
-
-
 class JuliaBackend:
-    """MFRes.jl through juliacall: whole chunks of GD steps per call."""
+    """MFRes.jl through juliacall: whole chunks of GD steps per call, batches looped in Julia."""
 
     name = "julia"
+    transport = "juliacall"
 
-    def __init__(self, threads: int | None = None, device: str = "cpu") -> None:
-        self.jl = start_julia(threads)
+    def __init__(self, threads: int | None = None, device: str = "cpu", memory: str = "auto") -> None:
+        self.jl = start_julia(threads, device)
         self.device = device
+        self.memory = memory  # the Julia kernels' memory mode is the kernels' own (issue 11)
         if device == "cuda":
             enable_cuda()
 
     @property
     def threads(self) -> int:
         return int(_STATE["threads"])
+
+    @property
+    def startup_seconds(self) -> float:
+        """Julia's start and the include of MFRes.jl in this process (compilation then runs at first use)."""
+        return float(_STATE.get("startup_seconds", 0.0))
+
+    def describe(self) -> str:
+        return f"Julia through juliacall (in-process), {self.threads} thread(s), device {self.device}"
+
+    def close(self) -> None:
+        """Nothing to stop: Julia lives as long as this process."""
 
     def _to_julia(self, a: np.ndarray) -> Any:
         # a.T is a free view whose memory is column-major in Julia's (reversed) index order
@@ -198,7 +276,7 @@ class JuliaBackend:
         return problem.activation.name, float(problem.activation.eta), float(problem.weight_decay)
 
     def _problem(self, problem: Problem) -> tuple[Any, Any, Any]:
-        key = id(problem)
+        key = (id(problem), self.device)
         if _STATE.get("problem_key") != key:
             _STATE["problem"] = (self._to_julia(problem.x), self._to_julia(problem.y), self._to_julia(problem.a))
             _STATE["problem_key"] = key
@@ -218,8 +296,28 @@ class JuliaBackend:
         return float(E), grad
 
     def advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
+        """n GD steps in place; a batch (leading axis B) advances every net, never stopping early."""
+        if theta.batch:
+            return self._advance_batch(theta, problem, ds, n)
         X, y, a = self._problem(problem)
         U, W, b = (self._to_julia(v) for v in (theta.U, theta.W, theta.b))
         losses, norms = self.jl.advance_chunk(U, W, b, X, y, a, float(ds), int(n), *self._tail(problem))
         self._copy_back(theta, U, W, b)
         return Trajectory(np.array(losses, dtype=np.float64), np.array(norms, dtype=np.float64))
+
+    def _advance_batch(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
+        X, y, a = self._problem(problem)
+        B = theta.batch[0]
+        nets = [[self._to_julia(getattr(theta, v)[j]) for j in range(B)] for v in "UWb"]
+        Us, Ws, bs = (self.jl.seval("Any[]") for _ in range(3))
+        for vec, arrays in zip((Us, Ws, bs), nets, strict=True):
+            for arr in arrays:
+                self.jl.seval("push!")(vec, arr)
+        zeros = self.jl.seval("(n, B) -> zeros(Float64, n, B)")
+        jl_losses, jl_norms = zeros(n + 1, B), zeros(n + 1, B)  # Julia (n + 1, B) matrices
+        self.jl.advance_nets(Us, Ws, bs, X, y, a, float(ds), int(n), *self._tail(problem), jl_losses, jl_norms)
+        for j in range(B):
+            net = Particles(theta.U[j], theta.W[j], theta.b[j])
+            self._copy_back(net, nets[0][j], nets[1][j], nets[2][j])
+        # a Julia matrix seen from NumPy keeps Julia's dims: (n + 1, B)
+        return Trajectory(np.array(jl_losses, dtype=np.float64), np.array(jl_norms, dtype=np.float64))

@@ -1,0 +1,179 @@
+# The Julia side of the executable transport (pyfront/mfres/backends/julia_exe.py):
+#
+#     julia [-t N] --startup-file=no jl/server.jl
+#
+# One request per line on stdin, one response per line on stdout:
+#   "ok <words...>" or "error <Julia's message on one line>". Arrays never cross the
+# pipe: they live in one shared file (/dev/shm or the temp dir) that Python creates
+# with numpy.memmap and this server maps with Mmap. A C-order NumPy array of shape
+# (n1, ..., nk) is mapped as a Julia Array of the reversed dims (nk, ..., n1): the
+# same bytes, so θ (B, L, M, d) is seen as B arrays U :: (d, M, L), MFRes's layout.
+#
+# Requests:
+#   layout PATH T L M d N B CAP oU oW ob ogU ogW ogb ox oy oa oloss onorm
+#       map the file (T = float64 | float32; o* are byte offsets; B = 0 for one net);
+#       losses and norms are (B, CAP + 1) Float64 in C order
+#   warmup T ACT ETA        compile for one element type and activation (tiny problem)
+#   advance N DS ACT ETA WD advance every net by N steps; "ok K S": K values per net,
+#                           S seconds in the kernels
+#   gradient ACT ETA WD     E and ∇E of net 1 into gU, gW, gb; "ok E"
+#   device cpu|cuda         where the kernels run (cuda needs CUDA.jl for this Julia)
+#   close                   "ok bye", then exit
+# The server exits at end of input, so it never outlives the pipe from its parent.
+
+include(joinpath(@__DIR__, "MFRes.jl"))
+
+module Server
+
+using Mmap
+import ..MFRes
+
+mutable struct Maps
+    U::Vector{Any}
+    W::Vector{Any}
+    b::Vector{Any}
+    gU::Any
+    gW::Any
+    gb::Any
+    X::Any
+    y::Any
+    a::Any
+    losses::Matrix{Float64}
+    norms::Matrix{Float64}
+    single::Bool
+end
+
+const MAPS = Ref{Any}(nothing)
+const DEVICE = Ref("cpu")
+
+eltype_of(name::AbstractString) = name == "float64" ? Float64 :
+    name == "float32" ? Float32 : throw(ArgumentError("unknown element type $name"))
+
+function layout(words)
+    path = words[1]
+    T = eltype_of(words[2])
+    L, M, d, N, B, cap = (parse(Int, w) for w in words[3:8])
+    oU, oW, ob, ogU, ogW, ogb, ox, oy, oa, oloss, onorm = (parse(Int, w) for w in words[9:19])
+    nets = max(B, 1)
+    s = sizeof(T)
+    io = open(path, "r+")
+    try
+        net(off, dims, j) = Mmap.mmap(io, Array{T,length(dims)}, dims, off + (j - 1) * prod(dims) * s)
+        U = Any[net(oU, (d, M, L), j) for j in 1:nets]
+        W = Any[net(oW, (d, M, L), j) for j in 1:nets]
+        b = Any[net(ob, (M, L), j) for j in 1:nets]
+        maps = Maps(U, W, b, Mmap.mmap(io, Array{T,3}, (d, M, L), ogU),
+                    Mmap.mmap(io, Array{T,3}, (d, M, L), ogW), Mmap.mmap(io, Array{T,2}, (M, L), ogb),
+                    Mmap.mmap(io, Array{T,2}, (d, N), ox), Mmap.mmap(io, Array{T,1}, (N,), oy),
+                    Mmap.mmap(io, Array{T,1}, (d,), oa),
+                    Mmap.mmap(io, Matrix{Float64}, (cap + 1, nets), oloss),
+                    Mmap.mmap(io, Matrix{Float64}, (cap + 1, nets), onorm), B == 0)
+        MAPS[] = maps
+    finally
+        close(io)  # the mappings stay valid after the file is closed (and unlinked)
+    end
+    return "ok"
+end
+
+maps() = MAPS[] === nothing ? error("no shared arrays mapped yet (send layout first)") : MAPS[]::Maps
+
+# θ and the data where the kernels run: the shared arrays themselves on the CPU,
+# device copies (moved back after the call) on a GPU.
+on_device(x) = DEVICE[] == "cpu" ? x : Base.invokelatest(MFRes.to_device, x, DEVICE[])
+back!(dst, src) = dst === src ? dst : copyto!(dst, Base.invokelatest(MFRes.host_array, src))
+
+function advance(words)
+    m = maps()
+    n = parse(Int, words[1])
+    Δs = parse(Float64, words[2])
+    act, eta, wd = words[3], parse(Float64, words[4]), parse(Float64, words[5])
+    n + 1 <= size(m.losses, 1) || error("$n steps do not fit the shared loss buffer ($(size(m.losses, 1) - 1))")
+    X, y, a = on_device(m.X), on_device(m.y), on_device(m.a)
+    Us, Ws, bs = map(on_device, m.U), map(on_device, m.W), map(on_device, m.b)
+    t0 = time_ns()
+    k = Base.invokelatest(MFRes.advance_nets, Us, Ws, bs, X, y, a, Δs, n, act, eta, wd,
+                          view(m.losses, 1:n+1, :), view(m.norms, 1:n+1, :); stop_nonfinite = m.single)
+    seconds = (time_ns() - t0) / 1e9
+    foreach(back!, m.U, Us)
+    foreach(back!, m.W, Ws)
+    foreach(back!, m.b, bs)
+    return "ok $k $seconds"
+end
+
+function gradient(words)
+    m = maps()
+    act, eta, wd = words[1], parse(Float64, words[2]), parse(Float64, words[3])
+    E, gU, gW, gb = Base.invokelatest(MFRes.gradient, on_device(m.U[1]), on_device(m.W[1]), on_device(m.b[1]),
+                                      on_device(m.X), on_device(m.y), on_device(m.a), act, eta, wd)
+    copyto!(m.gU, MFRes.host_array(gU))
+    copyto!(m.gW, MFRes.host_array(gW))
+    copyto!(m.gb, MFRes.host_array(gb))
+    return "ok $(repr(Float64(E)))"
+end
+
+# Compile the kernels for one element type and activation on a tiny problem, so
+# that the first chunk's time is the kernels' and start-up is measured apart.
+function warmup(words)
+    T = eltype_of(words[1])
+    act, eta = words[2], parse(Float64, words[3])
+    d, M, L, N = 2, 3, 2, 4
+    U, W, b = fill(T(0.1), d, M, L), fill(T(-0.2), d, M, L), fill(T(0.05), M, L)
+    X, y, a = fill(T(0.3), d, N), fill(T(0.5), N), fill(T(1), d)
+    losses, norms = zeros(2, 1), zeros(2, 1)
+    Base.invokelatest(MFRes.advance_nets, Any[U], Any[W], Any[b], X, y, a, 0.01, 1, act, eta, 0.0,
+                      view(losses, :, :), view(norms, :, :); stop_nonfinite = true)
+    Base.invokelatest(MFRes.gradient, U, W, b, X, y, a, act, eta, 0.0)
+    return "ok"
+end
+
+function device(words)
+    dev = words[1]
+    if dev == "cuda" && DEVICE[] != "cuda"
+        Base.find_package("CUDA") === nothing &&
+            error("CUDA.jl is not installed for this Julia ($(Sys.BINDIR)); install it with " *
+                  "`julia -e 'using Pkg; Pkg.add(\"CUDA\")'` or use --device cpu")
+        Core.eval(Main, :(using CUDA))
+        cuda = Core.eval(Main, :CUDA)
+        Base.invokelatest(cuda.functional) || error("CUDA.jl loaded but reports no usable GPU (CUDA.functional() is false)")
+        Base.invokelatest(MFRes.use_cuda!, cuda)
+    elseif dev != "cpu" && dev != "cuda"
+        error("unknown device $dev")
+    end
+    DEVICE[] = dev
+    return "ok"
+end
+
+const HANDLERS = Dict{String,Function}("layout" => layout, "advance" => advance, "gradient" => gradient,
+                                       "warmup" => warmup, "device" => device)
+
+one_line(s) = replace(strip(s), r"\s*\n\s*" => " | ")
+
+function respond(out::IO, line::AbstractString)
+    println(out, line)
+    flush(out)
+end
+
+function serve(input::IO = stdin, out::IO = stdout)
+    respond(out, "ready $(VERSION) $(Threads.nthreads())")
+    while !eof(input)
+        words = split(readline(input))
+        isempty(words) && continue
+        cmd = words[1]
+        if cmd == "close"
+            respond(out, "ok bye")
+            return
+        end
+        reply = try
+            haskey(HANDLERS, cmd) || error("unknown request $cmd")
+            HANDLERS[cmd](words[2:end])
+        catch e
+            "error " * one_line(sprint(showerror, e))
+        end
+        respond(out, reply)
+    end
+    return
+end
+
+end # module
+
+Server.serve()
