@@ -367,8 +367,9 @@ def info(run_file: str | None) -> None:
     """Report the backends available here, or summarise RUN_FILE."""
     if run_file:
         from .report import summarise_run
+        from .sweep import describe, is_sweep_file
 
-        click.echo(summarise_run(run_file))
+        click.echo(describe(run_file) if is_sweep_file(run_file) else summarise_run(run_file))
     else:
         from .report import backend_report
 

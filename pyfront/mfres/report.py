@@ -12,6 +12,7 @@ from . import __version__
 
 def backend_report() -> str:
     """Which backends can run here, without starting Julia."""
+    from .backends import describe
     from .backends import julia_backend as jb
 
     lines = [f"mfres {__version__}", f"numpy backend: available (NumPy {np.__version__}, {os.cpu_count()} cores)"]
@@ -20,13 +21,9 @@ def backend_report() -> str:
     if found:
         julia = f"Julia {'.'.join(map(str, found[1]))} at {found[0]}"
     else:
-        julia = "no Julia >= 1.10.3 found (PYTHON_JULIAPKG_EXE, juliapkg's own install, PATH)"
+        julia = "no Julia >= 1.10.3 for it (PYTHON_JULIAPKG_EXE, juliapkg's own install, PATH)"
     lines.append(f"juliacall: {'installed' if has_juliacall else 'not installed'}; {julia}")
-    if jb.usable_without_download():
-        threads = os.environ.get("PYTHON_JULIACALL_THREADS", "auto")
-        lines.append(f"julia backend: usable; --backend auto picks it (threads: {threads})")
-    else:
-        lines.append("julia backend: not usable without downloads here; --backend auto picks numpy")
+    lines.append(describe())
     try:
         src = jb.julia_source_dir()
         lines.append(f"Julia sources: {src}")
