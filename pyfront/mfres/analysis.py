@@ -5,7 +5,7 @@ All functions take a sweep ``xarray.Dataset`` (``mfres.sweep``) and return
 Only runs with status ``ok`` or ``diverged`` count as trials (a diverged run has
 not reached ε); ``failed`` and ``missing`` runs are left out.
 
-Theory (MODEL.md): at fixed s the finite net's loss differs from the limit's by
+Theory (docs/model.md): at fixed s the finite net's loss differs from the limit's by
 O(1/L) in depth and O(1/√M) (seed-to-seed fluctuation) in width, so on log-log
 axes the depth bias has slope −1 and the spread over seeds slope −1/2.
 """
