@@ -181,7 +181,9 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
                 chunk = int(np.clip(rate * CHUNK_SECONDS, 1, MAX_CHUNK))
             if progress is not None:
                 progress(step, steps, last_loss, rate)
-            if step == steps or step % every == 0:
+            if n == 0 and step == start:
+                pass  # nothing was trained (--steps 0, or a finished run resumed): its snapshot exists
+            elif step == steps or step % every == 0:
                 _snapshot(writer, step, theta, problem)
             else:
                 writer.checkpoint(step, theta)
