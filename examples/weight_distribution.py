@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 
 import mfres
 from mfres import plot
@@ -23,14 +24,18 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "figures"))
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = mfres.simulate(os.path.join(tmp, "run.nc"), depth=16, width=256, steps=3000, ds=1.0,
-                             snapshot_every=100, init="smooth", backend="numpy")
+                             snapshot_every=100, init="smooth", backend="numpy", progress=True)
     print(f"loss {float(run['loss'][0]):.3e} -> {float(run['loss'][-1]):.3e}; {run.sizes['snapshot']} snapshots")
-    for name, fig in (("weights", plot.weights(run)), ("clouds", plot.clouds(run, [0, 300, 1000, 3000]))):
-        path = os.path.join(a.out, f"{name}.png")
+    figures = (("weights.png", plot.weights(run)), ("clouds.png", plot.clouds(run, [0, 300, 1000, 3000])),
+               ("clouds.gif", plot.animate(run, layers=[0, 8, 15])))
+    for name, fig in figures:
+        path = os.path.join(a.out, name)
         plot.save(fig, path)
         print(f"wrote {path}")
+    print(f"{time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
