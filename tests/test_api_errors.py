@@ -289,6 +289,8 @@ def test_api_errors_name_keywords(tmp_path: Path) -> None:
         mfres.plot_clouds(ds, at_s=[99])
     with pytest.raises(ConfigError, match="layers 7 is not a layer"):
         mfres.plot_weights(ds, layers=[7])
+    one = mfres.plot_clouds(ds, at_s=5, layers=1)  # single values are accepted as such
+    assert [ax.get_title() for ax in one.axes if ax.get_title()] == ["$s = 5$"]
 
 
 def test_api_progress(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

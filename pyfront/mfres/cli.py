@@ -269,7 +269,7 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
     command = _command_line()
     from .api import sweep_progress
 
-    with sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as progress:
+    with _stdout_to_stderr(), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as progress:
         counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs, command=command,
                            progress=progress)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)

@@ -152,7 +152,7 @@ def check_layers(L: int, layers: Any) -> list[int]:
     """``layers`` as a sorted list of distinct layer indices of a depth-``L`` run; raises
     ``ConfigError`` for an index outside 0..L−1 (nothing is dropped)."""
     out = []
-    for v in layers:
+    for v in _as_list(layers):
         if isinstance(v, bool) or not isinstance(v, int | np.integer):
             raise ConfigError(f"--layers must be layer indices (integers), got {v!r}")
         if not 0 <= v < L:
@@ -161,6 +161,13 @@ def check_layers(L: int, layers: Any) -> list[int]:
     if not out:
         raise ConfigError("--layers must list at least one layer")
     return sorted(set(out))
+
+
+def _as_list(v: Any) -> list[Any]:
+    """One value or a sequence of them, as a list (a string is one value)."""
+    if isinstance(v, str) or np.ndim(v) == 0:
+        return [v]
+    return list(np.asarray(v).ravel()) if isinstance(v, np.ndarray) else list(v)
 
 
 def _layer_choice(L: int, layers: Any) -> list[int]:
@@ -176,7 +183,7 @@ def snapshot_indices(ds: Any, at_s: Any) -> list[int]:
     if len(s) == 0:
         raise ConfigError("the run has no complete snapshot")
     idx: list[int] = []
-    for v in at_s:
+    for v in _as_list(at_s):
         try:
             v = float(v)
         except (TypeError, ValueError):
