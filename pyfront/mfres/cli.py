@@ -196,7 +196,7 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
             result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume,
                          progress=progress)
     if not quiet:
-        if result.steps_done == 0:
+        if config.steps == 0:
             click.echo(f"no steps (--steps 0): the initial net's loss is {result.loss:.6g}; wrote {out}", err=True)
         else:
             click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, "
