@@ -161,7 +161,8 @@ def test_backend_error_is_one_line_exit_3(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.xfail(strict=False, reason="needs the julia helper's backends.select fix (no silent NumPy for cuda)")
-def test_cuda_with_default_backend_does_not_run_numpy(tmp_path: Path) -> None:
+def test_cuda_with_default_backend_does_not_run_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MFRES_JULIA_TRANSPORT", "none")  # no Julia: auto would mean NumPy, which has no GPU
     out = tmp_path / "r.nc"
     res = cli("simulate", *SMALL, "--device", "cuda", "--out", str(out))
     assert res.exit_code == 3
