@@ -154,8 +154,8 @@ def simulate(out: str | None = None, *, overwrite: bool = False, resume: bool = 
 
     with python_errors():
         if out is not None:
-            check_output(out, overwrite=overwrite, resume=resume)
             config = RunConfig(**(resume_options(options, out) if resume else options))
+            check_output(out, overwrite=overwrite, resume=resume)
             start = steps_done(out) if resume else 0
             with training_progress(progress, config.steps, start) as callback:
                 run(config, out, overwrite=overwrite, resume=resume, progress=callback, command="mfres.simulate")
