@@ -121,10 +121,12 @@ def test_library_output_goes_to_stderr(tmp_path: Path, monkeypatch: pytest.Monke
     import mfres.backends
 
     monkeypatch.setattr(mfres.backends, "select", _printing_select)
-    res = cli("simulate", *SMALL, "--quiet", "--out", str(tmp_path / "r.nc"))
+    res = cli("simulate", *SMALL, "--out", str(tmp_path / "r.nc"))
     assert res.exit_code == 0, res.output
     assert res.stdout == ""
     assert "[juliapkg] Locating Julia" in res.stderr
+    res = cli("simulate", *SMALL, "--quiet", "--out", str(tmp_path / "q.nc"))  # --quiet: not at all
+    assert res.exit_code == 0 and res.stdout == "" and res.stderr == ""
 
 
 def test_library_and_child_output_goes_to_stderr_in_a_process(tmp_path: Path) -> None:
@@ -144,6 +146,10 @@ def test_library_and_child_output_goes_to_stderr_in_a_process(tmp_path: Path) ->
     assert res.stdout == ""
     assert "[juliapkg] Locating Julia" in res.stderr and "from-a-child-process" in res.stderr
     assert "wrote" in res.stderr
+    res = process("simulate", *SMALL, "--quiet", "--out", str(tmp_path / "q.nc"), code=code)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stderr
+    res = process("info", code=code)  # stdout is left alone outside runs
+    assert res.returncode == 0 and res.stdout.startswith("mfres ")
 
 
 def test_backend_error_is_one_line_exit_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

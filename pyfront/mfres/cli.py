@@ -82,25 +82,29 @@ def _one_line(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Send what libraries print while a run starts and trains (juliapkg's log lines, output
-    of a Julia or other child process) to stderr, so that stdout carries only results."""
+def _library_output(quiet: bool) -> Iterator[None]:
+    """Keep stdout for results while a run starts and trains: what libraries print there
+    (juliapkg's log lines, a Julia or other child process's output) goes to stderr, or
+    nowhere with ``--quiet`` (which leaves only errors and warnings)."""
     sys.stdout.flush()
     try:
         fd, err = sys.stdout.fileno(), sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # not real files (e.g. click's CliRunner)
         fd = err = -1
-    saved = os.dup(fd) if fd >= 0 and fd != err else -1
-    if saved >= 0:
-        os.dup2(err, fd)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr
+        saved = os.dup(fd) if fd >= 0 and fd != err else -1
         if saved >= 0:
-            sys.stdout.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
+            sys.stderr.flush()
+            os.dup2(sink.fileno(), fd)
+        try:
+            with contextlib.redirect_stdout(sink):
+                yield
+        finally:
+            if saved >= 0:
+                sys.stdout.flush()
+                os.dup2(saved, fd)
+                os.close(saved)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -186,7 +190,7 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
     config = RunConfig(**(resume_options(options, out) if resume else options))
     check_output(out, overwrite=overwrite, resume=resume)
     command = _command_line()
-    with _stdout_to_stderr():
+    with _library_output(quiet):
         backend = select(config.backend, config.threads, config.device, config.memory)
         if not quiet:
             click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
@@ -269,7 +273,7 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
     command = _command_line()
     from .api import sweep_progress
 
-    with _stdout_to_stderr(), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as progress:
+    with _library_output(quiet), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as progress:
         counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs, command=command,
                            progress=progress)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
