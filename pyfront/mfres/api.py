@@ -179,7 +179,8 @@ def _values(v: Any) -> tuple[Any, ...]:
 def sweep(out: str = "sweep.nc", *, depth: int | Sequence[int] = 16, width: int | Sequence[int] = 64,
           seeds: int = 4, activation: str | Sequence[str] = "tanh", init: str | Sequence[str] = "iid",
           ds: float | Sequence[float] = 1.0, workers: int | None = None, scheduler: str | None = None,
-          keep_runs: str | None = None, progress: Progress = None, **options: Any) -> Any:
+          keep_runs: str | None = None, backend: str = "numpy", overwrite: bool = False, progress: Progress = None,
+          **options: Any) -> Any:
     """Run a grid of nets over depth, width and seeds on Dask; return the sweep file as an ``xarray.Dataset``.
 
     ``depth``, ``width``: one value or a list; ``seeds``: initialisation seeds per grid
@@ -188,7 +189,8 @@ def sweep(out: str = "sweep.nc", *, depth: int | Sequence[int] = 16, width: int 
     by all runs (``steps``, ``dim``, ``samples``, ``data``, ``seed``, ...; the backend is
     NumPy). ``workers``: local Dask processes (default one per core); ``scheduler``: the
     address of a running ``dask.distributed`` scheduler instead; ``keep_runs``: a folder
-    for every run's own file. Calling again with the same arguments on the same ``out``
+    for every run's own file; ``backend``: the backend of the workers; ``overwrite``: start
+    afresh on an existing ``out``. Calling again with the same arguments on the same ``out``
     completes only the missing runs.
 
     The result holds ``loss(<swept>, depth, width, seed, step)`` on the grid ``s(step)``,
@@ -212,9 +214,14 @@ def sweep(out: str = "sweep.nc", *, depth: int | Sequence[int] = 16, width: int 
                 base[name] = values[0]
         spec = SweepSpec(depths, widths, seeds, acts if len(acts) > 1 else (), inits if len(inits) > 1 else (),
                          dss if len(dss) > 1 else (), base)
+        extra: dict[str, Any] = {}  # passed only when set: run_sweep before the durable sweeps takes neither
+        if backend != "numpy":
+            extra["backend"] = backend
+        if overwrite:
+            extra["overwrite"] = True
         with sweep_progress(progress, len(spec.groups())) as callback:
             counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs,
-                               command="mfres.sweep", progress=callback)
+                               command="mfres.sweep", progress=callback, **extra)
         if counts.get("missing"):
             raise RunStopped(f"{counts['missing']} runs are still missing; call mfres.sweep again with the same "
                              "arguments to complete them")
@@ -271,9 +278,9 @@ def open_run(path: str, load: bool = False) -> Any:
         return _open(os.fspath(path), load=load)
 
 
-def open_sweep(path: str, load: bool = True) -> Any:
-    """Open a sweep file (``mfres sweep``) as an ``xarray.Dataset``, read into memory by default."""
+def open_sweep(path: str) -> Any:
+    """Open a sweep file (``mfres sweep``) as an ``xarray.Dataset``, read into memory."""
     from .sweep import open_sweep as _open
 
     with python_errors():
-        return _open(os.fspath(path), load=load)
+        return _open(os.fspath(path))

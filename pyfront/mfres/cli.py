@@ -255,7 +255,7 @@ Example:
 def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: str | None, keep_runs: str | None,
           out: str, quiet: bool, activation: str, init: str, ds: str, **options: Any) -> None:
     """Run a grid of nets over depth, width and seeds on Dask; write one sweep file."""
-    from .sweep import SweepSpec, run_sweep
+    from .sweep import SweepSpec
 
     acts, inits = _list(activation), _list(init)
     try:
@@ -270,16 +270,22 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
     spec = SweepSpec(_int_list("--depth", depth), _int_list("--width", width), seeds,
                      acts if len(acts) > 1 else (), inits if len(inits) > 1 else (), dss if len(dss) > 1 else (),
                      base)
-    command = _command_line()
-    from .api import sweep_progress
-
-    with _library_output(quiet), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as progress:
-        counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs, command=command,
-                           progress=progress)
+    kwargs: dict[str, Any] = {"workers": workers, "scheduler": scheduler, "keep_runs": keep_runs,
+                              "command": _command_line()}
+    counts = _sweep_with_progress(spec, out, quiet, kwargs)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     click.echo(f"{summary}; wrote {out}", err=True)
     if counts.get("missing"):
         raise RunStopped(f"{counts['missing']} runs are still missing; run the same command again to complete them")
+
+
+def _sweep_with_progress(spec: Any, out: str, quiet: bool, kwargs: dict[str, Any]) -> dict[str, int]:
+    """``run_sweep`` with a ``tqdm`` bar over the grid points on stderr (none with ``--quiet``)."""
+    from .api import sweep_progress
+    from .sweep import run_sweep
+
+    with _library_output(quiet), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as progress:
+        return run_sweep(spec, out, progress=progress, **kwargs)
 
 
 @main.command()
