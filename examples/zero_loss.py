@@ -39,7 +39,8 @@ def main() -> None:
             run = mfres.simulate(os.path.join(tmp, f"L{L}M{M}.nc"), depth=L, width=M, steps=a.steps, ds=1.0,
                                  backend="numpy", progress=True)
             s = run["s"].values[1:]  # log axis: from the first step on
-            ax.plot(s, run["loss"].values[1:], label=f"$L={L}$, $M={M}$: $E$(s = {s[-1]:g}) = {float(run['loss'][-1]):.1e}")
+            end = f"$E$(s = {s[-1]:g}) = {float(run['loss'][-1]):.1e}"
+            ax.plot(s, run["loss"].values[1:], label=f"$L={L}$, $M={M}$: {end}")
             axv.plot(s, run["grad_norm"].values[1:], label=f"$L={L}$, $M={M}$")
             print(f"L={L:3d} M={M:4d}: loss {float(run['loss'][0]):.3e} -> {float(run['loss'][-1]):.3e}")
     for axis, ylabel in ((ax, "loss $E$"), (axv, r"RMS particle velocity $|d\theta/ds|$")):
