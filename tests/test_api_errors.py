@@ -247,7 +247,7 @@ def test_animation_mp4_needs_ffmpeg(run_file: Path, tmp_path: Path) -> None:
         assert not out.exists()
 
 
-def test_figures_on_files_with_snapshot_and_layer_coordinates(run_file: Path) -> None:
+def test_figures_on_files_with_snapshot_and_layer_coordinates(run_file: Path, tmp_path: Path) -> None:
     """The run figures select by position and by names present in both file layouts."""
     ds = mfres.open_run(str(run_file), load=True)
     coords = ds.assign_coords(layer=np.arange(ds.sizes["layer"]), snapshot=np.arange(ds.sizes["snapshot"]))
@@ -255,8 +255,11 @@ def test_figures_on_files_with_snapshot_and_layer_coordinates(run_file: Path) ->
     for one in (ds, coords):
         for fig in (mfres.plot_loss(one), mfres.plot_weights(one, layers=[1]), mfres.plot_clouds(one, at_s=[5])):
             assert fig.axes
-    anim = mfres.animate_clouds(coords, layers=[0])
-    assert anim is not None
+    gif = mfres.save_figure(mfres.animate_clouds(coords, layers=[0]), str(tmp_path / "a.gif"))
+    from PIL import Image
+
+    with Image.open(gif) as im:
+        assert im.n_frames == coords.sizes["snapshot"]
 
 
 # -- the Python API ----------------------------------------------------------------------------
