@@ -149,7 +149,7 @@ def write_results(path: str, rows: list[dict], peaks: dict, f32: dict, big: str,
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"NumPy {np.__version__}, {jl_version}, "
         f"PyTorch {'(' + _torch_version() + ')' if torch else 'not installed'}. "
-        f"{THREADS} threads for every contender. Model: MODEL.md with tanh, GD steps of Δs = 0.1; "
+        f"{THREADS} threads for every contender. Model: docs/model.md with tanh, GD steps of Δs = 0.1; "
         "seconds per step are medians over repeats, each contender in a fresh process.",
         "",
         f"Machine limit: dense {2048}×{2048} matmul through NumPy's BLAS reaches "

@@ -1,4 +1,4 @@
-"""The peer: MODEL.md written with PyTorch autograd, as a researcher would write it.
+"""The peer: docs/model.md written with PyTorch autograd, as a researcher would write it.
 
 Same forward pass, loss and update (θ ← θ − Δs L M ∇E), gradients by
 ``torch.autograd``. Each layer's U, W, b is its own leaf tensor (indexing one

@@ -1,7 +1,7 @@
 """
     MFRes
 
-Kernels of mfres: the finite mean-field ResNet of MODEL.md (forward pass, discrete
+Kernels of mfres: the finite mean-field ResNet of docs/model.md (forward pass, discrete
 adjoint, gradient) and its particle gradient flow, on Julia arrays.
 
 Layouts are column-major and equal to NumPy's C-order `(L, M, d)` memory:

@@ -5,7 +5,7 @@
 """
     Activation{name}
 
-An activation of MODEL.md: `:tanh`, `:sigmoid`, `:softplus`, `:gelu` (tanh form),
+An activation of docs/model.md: `:tanh`, `:sigmoid`, `:softplus`, `:gelu` (tanh form),
 `:srelu` (regularised ReLU of width `eta`) or `:relu2`.
 """
 struct Activation{name}

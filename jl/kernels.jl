@@ -1,4 +1,4 @@
-# Forward pass, loss and discrete adjoint on a Workspace (MODEL.md, "Gradient").
+# Forward pass, loss and discrete adjoint on a Workspace (docs/model.md, section 2, the discrete adjoint).
 #
 # Two paths compute the same numbers:
 # - threaded (CPU `Array`s): each layer is split into blocks of samples (forward,

@@ -1,4 +1,4 @@
-"""Independent re-implementations of MODEL.md used as references by the tests.
+"""Independent re-implementations of docs/model.md used as references by the tests.
 
 Nothing here imports mfres's numerics: a plain per-sample forward pass, and a
 small reverse-mode automatic differentiation (a tape over NumPy arrays) that

@@ -237,7 +237,7 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     out = run_ok(tmp_path)
     before = out.read_bytes()
     res = CliRunner().invoke(main, ["simulate", *SMALL, "--out", str(out)])
-    assert res.exit_code == 4 and "--overwrite" in res.output
+    assert res.exit_code == 2 and "--overwrite" in res.output  # a usage mistake, refused before any work
     assert out.read_bytes() == before
     assert invoke("simulate", *SMALL, "--seed", "9", "--out", str(out), "--overwrite").exit_code == 0
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,6 +44,7 @@ OPTIONS = {
 }
 
 
+@pytest.mark.slow  # 80 CLI runs: the slowest case of the suite after the examples and the Julia suite
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=8).flatmap(
     lambda keys: st.fixed_dictionaries({k: OPTIONS[k] for k in keys})))

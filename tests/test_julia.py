@@ -76,6 +76,7 @@ def conformance_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # the whole Julia suite, twice: about 10 min each on 2 busy cores
 @pytest.mark.parametrize("threads", [1, 2])
 def test_julia_suite_and_conformance(julia: str, conformance_dir: Path, threads: int) -> None:
     env = {**os.environ, "MFRES_CONFORMANCE_DIR": str(conformance_dir)}

@@ -20,7 +20,7 @@ def setup(L=4, M=6, d=3, N=8, scheme="iid", act="tanh", wd=0.0, dtype=np.float64
 
 
 def test_one_step_is_lr_times_gradient() -> None:
-    """MODEL.md: a step of pseudo-time Δs is plain GD on E with lr = L M Δs."""
+    """docs/model.md: a step of pseudo-time Δs is plain GD on E with lr = L M Δs."""
     L, M, ds = 5, 7, 0.3
     theta, prob = setup(L=L, M=M)
     assert model.learning_rate(L, M, ds) == L * M * ds

@@ -12,7 +12,7 @@ using .MFRes
 
 const ACTS = (:tanh, :sigmoid, :softplus, :gelu, :srelu, :relu2)
 
-# A plain, loop-by-loop transcription of MODEL.md (one sample, one particle at a
+# A plain, loop-by-loop transcription of docs/model.md (one sample, one particle at a
 # time), independent of the matrix kernels.
 function plain_loss_and_grad(U, W, b, X, y, a, σ; weight_decay = 0.0)
     d, M, L = size(U)
@@ -92,7 +92,7 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         end
     end
 
-    @testset "gradient = plain loop transcription of MODEL.md ($act)" for act in ACTS
+    @testset "gradient = plain loop transcription of docs/model.md ($act)" for act in ACTS
         rng = MersenneTwister(2)
         U, W, b, X, y, a = random_problem(rng, 2, 5, 4, 6)
         σ = MFRes.activation(act; eta = 0.7)

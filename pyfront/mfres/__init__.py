@@ -1,63 +1,119 @@
 """mfres: simulate deep ResNets in the mean-field regime (Ding, Chen, Li, Wright, JMLR 2022).
 
-The public API, cheap to import (NumPy, xarray and juliacall load on first use):
+The Python API, for scripts and notebooks. ``import mfres`` is cheap: NumPy,
+xarray, matplotlib, Dask and juliacall load on first use.
 
-- ``simulate(**options)``: train one net, write its run file, return it as an
-  ``xarray.Dataset``; the options are those of ``mfres simulate``;
-- ``open_run(path)``: open a run file with xarray;
+Runs and sweeps (``mfres.api``):
+
+- ``simulate(out=None, *, overwrite, resume, progress, **options)``: train one net,
+  return its run file as an ``xarray.Dataset``; the options are those of
+  ``mfres simulate`` as keywords (``depth``, ``width``, ``steps``, ``ds``, ...);
+- ``sweep(out, *, depth, width, seeds, ..., workers, progress)``: a grid of runs on Dask,
+  returned as the sweep ``Dataset``;
+- ``analyze(sweep, eps, eta, at_s, reference)``: size to ε and convergence rates;
+- ``open_run(path)``, ``open_sweep(path)``: open existing files with xarray;
 - ``RunConfig``: the validated options of one run.
+
+Figures (``mfres.plot``; each returns a matplotlib ``Figure``): ``plot_loss``,
+``plot_weights``, ``plot_clouds``, ``animate_clouds`` (a matplotlib ``Animation``),
+``plot_success``, ``plot_rates``, and ``save_figure(fig, path)``.
+
+``progress=True`` shows a ``tqdm.auto`` progress bar (terminal or Jupyter). Errors
+are ``mfres.errors`` exceptions (``ConfigError``, ``DataError``, ``BackendError``,
+``StorageError``, ``RunStopped``) whose messages name the keywords, e.g.
+"run.nc exists; pass overwrite=True to replace it". The model is documented in
+``docs/model.md``.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
+
+from . import api as _api
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
 
-__all__ = ["RunConfig", "__version__", "open_run", "simulate"]
+_API = ("simulate", "analyze", "open_run", "open_sweep")
+# public name -> function of mfres.plot
+_FIGURES = {"plot_loss": "loss", "plot_weights": "weights", "plot_clouds": "clouds", "animate_clouds": "animate",
+            "plot_success": "success", "plot_rates": "rates", "save_figure": "save"}
+
+__all__ = ["RunConfig", "__version__", *_API, "sweep", *_FIGURES]
 
 
-def simulate(out: str | None = None, *, overwrite: bool = False, resume: bool = False, progress: Any = None,
-             **options: Any) -> Any:
-    """Train one net and return its run file as an ``xarray.Dataset`` (loaded in memory).
+class _Sweep:
+    """``mfres.sweep``: the function ``mfres.api.sweep``; the names of the module
+    ``mfres.sweep`` (``SweepSpec``, ``run_sweep``, ...) stay reachable through it."""
 
-    ``options`` are ``RunConfig`` fields (``depth``, ``width``, ``steps``, ``ds``, ...).
-    With ``out=None`` the file is written to a temporary folder and removed.
-    With ``resume``, an existing ``out`` is continued from its last saved state.
-    Raises ``mfres.errors.RunStopped`` if the run diverges or is interrupted
-    (the file at ``out`` then keeps everything computed).
-    """
-    import os
-    import tempfile
+    __doc__ = _api.sweep.__doc__
+    __wrapped__ = staticmethod(_api.sweep)
 
-    from .config import RunConfig
-    from .store import open_run as _open
-    from .train import resume_options, run
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _api.sweep(*args, **kwargs)
 
-    if out is not None:
-        config = RunConfig(**(resume_options(options, out) if resume else options))
-        run(config, out, overwrite=overwrite, resume=resume, progress=progress, command="mfres.simulate")
-        return _open(out, load=True)
-    config = RunConfig(**options)
-    with tempfile.TemporaryDirectory(prefix="mfres-") as tmp:
-        path = os.path.join(tmp, "run.nc")
-        run(config, path, progress=progress, command="mfres.simulate")
-        return _open(path, load=True)
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(".sweep", __name__), name)
+
+    def __repr__(self) -> str:
+        return "<function mfres.sweep>"
 
 
-def open_run(path: str, load: bool = False) -> Any:
-    """Open a run file as an ``xarray.Dataset`` (lazily unless ``load``)."""
-    from .store import open_run as _open
+class _Package(types.ModuleType):
+    """The package's module type: keeps ``mfres.sweep`` the API function although importing
+    the submodule ``mfres.sweep`` binds that name on the package."""
 
-    return _open(path, load=load)
+    @property
+    def sweep(self) -> _Sweep:
+        return _SWEEP
+
+    @sweep.setter
+    def sweep(self, module: Any) -> None:
+        pass  # the import system binding the submodule (reachable as sys.modules["mfres.sweep"])
+
+
+_SWEEP = _Sweep()
+sys.modules[__name__].__class__ = _Package
+
+
+def _figure_function(name: str) -> Any:
+    import functools
+
+    from . import plot
+
+    fn = getattr(plot, _FIGURES[name])
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _api.python_errors():
+            return fn(*args, **kwargs)
+
+    wrapper.__name__ = name
+    return wrapper
 
 
 def __getattr__(name: str) -> Any:
-    if name == "RunConfig":
-        from .config import RunConfig
+    if name in _API:
+        value = getattr(_api, name)
+    elif name in _FIGURES:
+        value = _figure_function(name)
+    elif name == "RunConfig":
+        from .config import RunConfig as value
+    elif name in ("plot", "analysis", "errors", "api", "store"):
+        import importlib
 
-        return RunConfig
-    raise AttributeError(f"module 'mfres' has no attribute {name!r}")
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'mfres' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "plot", "analysis", "errors"])

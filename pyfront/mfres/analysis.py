@@ -6,7 +6,7 @@ return ``xarray`` objects; extra swept dimensions (activation, init, ds) are kep
 Only runs with status ``ok`` or ``diverged`` are trials (a diverged run never
 reaches ε); ``failed`` and ``missing`` runs are left out.
 
-What is measured (MODEL.md), at one pseudo-time s (``s=None``: the last grid point):
+What is measured (docs/model.md), at one pseudo-time s (``s=None``: the last grid point):
 
 - **depth order** p, E_L − E_∞ ~ a L^−p (theory p = 1), from successive differences
   of the seed-mean, D_j = Ē(L_j) − Ē(L_{j+1}) = a (L_j^−p − L_{j+1}^−p): no limit is

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -21,8 +22,8 @@ Examples:
 """
 
 
-def _fail(e: BaseException, code: int) -> None:
-    click.echo(f"Error: {e}", err=True)
+def _fail(e: BaseException | str, code: int) -> None:
+    click.echo(f"Error: {_one_line(str(e))}", err=True)
     from . import store
 
     if store.abandoned():
@@ -52,7 +53,61 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The ``mfres`` group: Click's own usage errors (a malformed or unknown option) are
+    printed like every other error, on one line, with a pointer to the command's help."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        prog_name = prog_name if prog_name not in (None, "main") else "mfres"
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "mfres"
+            _fail(f"{_one_line(e.format_message()).rstrip('.')}; see '{where} --help'", e.exit_code)
+        except click.ClickException as e:
+            _fail(_one_line(e.format_message()), e.exit_code)
+        except click.Abort:
+            _fail("aborted", 1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def _library_output(quiet: bool) -> Iterator[None]:
+    """Keep stdout for results while a run starts and trains: what libraries print there
+    (juliapkg's log lines, a Julia or other child process's output) goes to stderr, or
+    nowhere with ``--quiet`` (which leaves only errors and warnings)."""
+    sys.stdout.flush()
+    try:
+        fd, err = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not real files (e.g. click's CliRunner)
+        fd = err = -1
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr
+        saved = os.dup(fd) if fd >= 0 and fd != err else -1
+        if saved >= 0:
+            sys.stderr.flush()
+            os.dup2(sink.fileno(), fd)
+        try:
+            with contextlib.redirect_stdout(sink):
+                yield
+        finally:
+            if saved >= 0:
+                sys.stdout.flush()
+                os.dup2(saved, fd)
+                os.close(saved)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mfres")
 def main() -> None:
     """mfres: watch a deep ResNet train in the mean-field regime.
@@ -128,6 +183,7 @@ def _run_options(f: Callable[..., Any], sweep: bool) -> Callable[..., Any]:
 @_guarded
 def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: Any) -> None:
     """Train one net by gradient descent and write its trajectory to a netCDF file."""
+    from .api import check_output
     from .backends import select
     from .config import RunConfig
     from .train import resume_options, run, stop_on_signals
@@ -137,43 +193,35 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
     # SIGINT/SIGTERM from here on stop the run cleanly (after its first durable point)
     with stop_on_signals() as stop:
         config = RunConfig(**(resume_options(options, out) if resume else options))
-        backend = select(config.backend, config.threads, config.device, config.memory)
+        check_output(out, overwrite=overwrite, resume=resume)
         command = _command_line()
-        if quiet:
-            result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume,
-                         stop=stop, warn=False)
-        else:
-            click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
-                       f"activation={config.activation} init={config.init} Δs={config.ds:g} "
-                       f"backend={backend.name} dtype={config.dtype}", err=True)
-            with _ProgressBar(config.steps) as progress:
+        with _library_output(quiet):
+            backend = select(config.backend, config.threads, config.device, config.memory)
+            if not quiet:
+                click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
+                           f"activation={config.activation} init={config.init} Δs={config.ds:g} "
+                           f"backend={backend.name} dtype={config.dtype}", err=True)
+            with _training_bar(quiet, config.steps, out if resume else None) as progress:
                 result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume,
                              progress=progress, stop=stop, warn=False)
     if not quiet:
-        click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, final loss {result.loss:.6g}; "
-                   f"wrote {out}", err=True)
+        if config.steps == 0:
+            click.echo(f"no steps (--steps 0): the initial net's loss is {result.loss:.6g}; wrote {out}", err=True)
+        else:
+            click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, "
+                       f"final loss {result.loss:.6g}; wrote {out}", err=True)
     for w in result.warnings:
         click.echo(f"Warning: {w}", err=True)
 
 
-class _ProgressBar:
-    """A Click progress bar showing steps/s and the current loss."""
+@contextlib.contextmanager
+def _training_bar(quiet: bool, steps: int, resumed: str | None = None) -> Iterator[Any]:
+    """The run's progress bar (``tqdm``, on stderr; none with ``--quiet``)."""
+    from .api import steps_done, training_progress
 
-    def __init__(self, steps: int) -> None:
-        self.bar = click.progressbar(length=max(steps, 1), label="training", file=sys.stderr,
-                                     item_show_func=lambda s: s, show_eta=True, width=24)
-        self.done = 0
-
-    def __enter__(self) -> _ProgressBar:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def __call__(self, step: int, steps: int, loss: float, rate: float) -> None:
-        self.bar.update(step - self.done, f"E={loss:.3e} {rate:,.0f} steps/s")
-        self.done = step
+    start = steps_done(resumed) if resumed else 0
+    with training_progress(not quiet and steps > 0, steps, start, file=sys.stderr) as progress:
+        yield progress
 
 
 def _command_line() -> str:
@@ -252,25 +300,12 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
 
 
 def _sweep_with_progress(spec: Any, out: str, quiet: bool, kwargs: dict[str, Any]) -> dict[str, int]:
+    """``run_sweep`` with a ``tqdm`` bar over the grid points on stderr (none with ``--quiet``)."""
+    from .api import sweep_progress
     from .sweep import run_sweep
 
-    if quiet:
-        counts = run_sweep(spec, out, **kwargs)
-    else:
-        total = len(spec.groups())
-        bar = click.progressbar(length=total, label="grid points", file=sys.stderr, show_pos=True,
-                                item_show_func=lambda s: s)
-        state = {"done": 0}
-
-        def progress(done: int, total: int, info: dict[str, Any]) -> None:
-            if done > state["done"]:
-                label = f"L={info.get('depth')} M={info.get('width')}" if info else ""
-                bar.update(done - state["done"], label)
-                state["done"] = done
-
-        with bar:
-            counts = run_sweep(spec, out, progress=progress, **kwargs)
-    return counts
+    with _library_output(quiet), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as progress:
+        return run_sweep(spec, out, progress=progress, **kwargs)
 
 
 @main.command()
@@ -310,27 +345,61 @@ def analyze(sweep_file: str, eps: float, eta: float, at_s: float | None, confide
         click.echo(f"wrote {out}", err=True)
 
 
-@main.command()
+PLOT_EPILOG = """\b
+Examples:
+  mfres plot run.nc                                   # loss against s: run_loss.png
+  mfres plot run.nc --kind weights --layers 0,8,15
+  mfres plot run.nc --kind clouds --at-s 0,100,2000
+  mfres plot run.nc --kind clouds --layers 0,15 --animate clouds.gif
+  mfres plot sweep.nc --kind success --eps 1e-3
+"""
+
+
+@main.command(epilog=PLOT_EPILOG)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--kind", "-k", type=click.Choice(["loss", "weights", "clouds", "success", "rates"]), default="loss",
               show_default=True, help="loss (run or sweep); weights, clouds (run); success, rates (sweep).")
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False),
-              help="Figure file, .png or .pdf [default: FILE's name + _KIND.png].")
-@click.option("--layers", default=None, help="weights: comma list of layer indices [default: first, middle, last].")
+              help="Figure file, .png, .pdf or .svg [default: FILE's name + _KIND.png].")
+@click.option("--layers", default=None,
+              help="weights, clouds: comma list of layer indices 0..L-1 "
+                   "[default: weights first, middle, last; clouds all; --animate first, middle, last].")
 @click.option("--at-s", "at_s", default=None,
-              help="clouds: comma list of pseudo-times; success, rates: the pseudo-time [default: last].")
+              help="clouds: comma list of pseudo-times within the run; success, rates: one pseudo-time "
+                   "[default: the last].")
+@click.option("--animate", default=None, type=click.Path(dir_okay=False),
+              help="clouds: write an animation over all snapshots to this .gif (or .mp4, with ffmpeg).")
+@click.option("--fps", type=float, default=6.0, show_default=True, help="--animate: frames per second.")
 @click.option("--eps", type=float, default=1e-3, show_default=True, help="success: target loss ε.")
 @click.option("--eta", type=float, default=0.1, show_default=True, help="success: failure probability η.")
 @click.option("--reference", type=click.Choice(["deepest", "richardson"]), default="deepest", show_default=True,
               help="rates: the limit used for the depth bias.")
 @_guarded
-def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | None, eps: float, eta: float,
-         reference: str) -> None:
-    """Draw a figure of a run file or a sweep file."""
-    import os
-
+def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | None, animate: str | None,
+         fps: float, eps: float, eta: float, reference: str) -> None:
+    """Draw a figure of a run file or a sweep file (or an animation of a run's particle clouds)."""
     from . import plot as figures
     from .store import open_run, valid_snapshots
+
+    # options that do not apply to --kind are refused rather than ignored
+    if layers is not None and kind not in ("weights", "clouds"):
+        raise ConfigError(f"--layers applies to --kind weights and clouds, not {kind}")
+    if at_s is not None and kind not in ("clouds", "success", "rates"):
+        raise ConfigError(f"--at-s applies to --kind clouds, success and rates, not {kind}")
+    if animate is not None and kind != "clouds":
+        raise ConfigError(f"--animate applies to --kind clouds, not {kind}")
+    if animate is not None and at_s is not None:
+        raise ConfigError("--animate shows every snapshot; leave out --at-s")
+    if animate is not None and out is not None:
+        raise ConfigError("--animate names the animation's file; leave out --out")
+    if not (fps > 0 and fps < 1000):
+        raise ConfigError(f"--fps must be in (0, 1000), got {fps:g}")
+    chosen = list(_int_list("--layers", layers)) if layers is not None else None
+    times = list(_float_list("--at-s", at_s)) if at_s is not None else None
+    if times is not None and kind in ("success", "rates") and len(times) != 1:
+        raise ConfigError(f"--kind {kind} takes one --at-s pseudo-time, got {len(times)}")
+    target = animate or out or f"{os.path.splitext(file)[0]}_{kind}.png"
+    _check_figure_path(target, animation=animate is not None)
 
     ds = open_run(file, load=True)
     sweep = figures.is_sweep(ds)
@@ -338,26 +407,65 @@ def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | 
         raise ConfigError(f"--kind {kind} needs a run file (mfres simulate), {file} is a sweep")
     if kind in ("success", "rates") and not sweep:
         raise ConfigError(f"--kind {kind} needs a sweep file (mfres sweep), {file} is a single run")
-    times = [float(v) for v in _list(at_s)] if at_s else []
     try:
         if kind == "loss":
             fig = figures.loss(ds)
         elif kind == "weights":
-            fig = figures.weights(valid_snapshots(ds), _int_list("--layers", layers) if layers else None)
+            fig = figures.weights(valid_snapshots(ds), chosen)
+        elif kind == "clouds" and animate:
+            fig = figures.animate(valid_snapshots(ds), chosen)
         elif kind == "clouds":
-            fig = figures.clouds(valid_snapshots(ds), times or None)
+            fig = figures.clouds(valid_snapshots(ds), times, chosen)
         elif kind == "success":
             fig = figures.success(ds, eps, eta, times[0] if times else None)
         else:
             fig = figures.rates(ds, times[0] if times else None, reference)
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    out = out or f"{os.path.splitext(file)[0]}_{kind}.png"
     try:
-        figures.save(fig, out)
-    except (OSError, ValueError) as e:
-        raise StorageError(f"cannot write {out}: {e}") from None
-    click.echo(f"wrote {out}", err=True)
+        figures.save(fig, target, fps=fps) if animate else figures.save(fig, target)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        raise StorageError(f"cannot write {target}: {_one_line(str(e))}") from None
+    click.echo(f"wrote {target}", err=True)
+
+
+FIGURE_TYPES = (".png", ".pdf", ".svg")
+ANIMATION_TYPES = (".gif", ".mp4")
+
+
+def _check_figure_path(path: str, animation: bool) -> None:
+    """Refuse, before any drawing, a figure file of an unknown type or in a missing folder."""
+    ext = os.path.splitext(path)[1].lower()
+    allowed = ANIMATION_TYPES if animation else FIGURE_TYPES
+    if ext not in allowed:
+        what = "--animate" if animation else "--out"
+        raise ConfigError(f"{what} {path}: the file type must be {', '.join(allowed)}")
+    if ext == ".mp4":
+        from matplotlib import animation as anim
+
+        if not anim.writers.is_available("ffmpeg"):
+            raise ConfigError(f"--animate {path}: .mp4 needs ffmpeg, which is not installed here; use a .gif")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StorageError(f"cannot write {path}: directory {directory} does not exist")
+
+
+def _float_list(name: str, text: str) -> tuple[float, ...]:
+    import math
+
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma list of numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name} must list at least one value")
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{name} must be finite numbers, got {text!r}")
+    return values
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""Initial particles: the ``iid``, ``tied`` and ``smooth`` schemes of MODEL.md.
+"""Initial particles: the ``iid``, ``tied`` and ``smooth`` schemes of docs/model.md.
 
 Every scheme gives each layer the same marginal ρ_0: U ~ N(0, σ² I_d),
 W ~ N(0, σ² I_d), b ~ N(0, σ²) with σ = ``scale`` (default 1). They differ in the

@@ -1,4 +1,4 @@
-"""The finite ResNet of MODEL.md: forward pass, loss, discrete adjoint, gradient.
+"""The finite ResNet of docs/model.md: forward pass, loss, discrete adjoint, gradient.
 
 Pure functions on arrays. Layouts (C order): ``U, W`` are ``(L, M, d)``, ``b`` is
 ``(L, M)``, ``x`` is ``(N, d)``, ``y`` is ``(N,)`` and the readout ``a`` is ``(d,)``.
@@ -189,7 +189,7 @@ def loss(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray, act: Act
 def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray, act: Activation,
                   weight_decay: float = 0.0, work: Workspace | None = None,
                   grad: Particles | None = None, recompute: bool = False) -> tuple[Any, Particles]:
-    """E(θ) and ∇_θ E by the discrete adjoint of MODEL.md.
+    """E(θ) and ∇_θ E by the discrete adjoint of docs/model.md.
 
     ``work`` and ``grad`` are optional preallocated buffers (reused when given);
     ``recompute`` chooses the low-memory workspace when none is given. E is a Python

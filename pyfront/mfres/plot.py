@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import analysis
+from .errors import ConfigError
 
 
 def _plt() -> Any:
@@ -50,15 +51,43 @@ def sweep_title(ds: Any) -> str:
             f"σ={a.get('activation', 'tanh')}, init={a.get('init', 'iid')}")
 
 
-def save(fig: Any, path: str) -> str:
+def save(fig: Any, path: str, fps: float = 6.0) -> str:
+    """Write a figure (PNG, PDF, SVG by the extension) or an ``animate`` animation
+    (``.gif`` with Pillow, ``.mp4`` with ffmpeg where it is installed) to ``path``."""
+    from matplotlib.animation import Animation
+
+    if isinstance(fig, Animation):
+        return _save_animation(fig, path, fps)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     _plt().close(fig)
     return path
 
 
+def _save_animation(anim: Any, path: str, fps: float) -> str:
+    from matplotlib import animation
+
+    ext = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if ext == "gif":
+        writer: Any = animation.PillowWriter(fps=fps)
+    elif ext == "mp4":
+        if not animation.writers.is_available("ffmpeg"):
+            raise ConfigError(f"cannot write {path}: .mp4 needs ffmpeg, which is not installed here; use a .gif")
+        writer = animation.FFMpegWriter(fps=fps)
+    else:
+        raise ConfigError(f"cannot write {path}: an animation is written as .gif (or .mp4 with ffmpeg)")
+    fig = anim._fig
+    anim.save(path, writer=writer, dpi=100)
+    _plt().close(fig)
+    return path
+
+
+S_LABEL = r"pseudo-time $s$"
+
+
 # -- loss ------------------------------------------------------------------------------
 def loss(ds: Any, ax: Any = None, quantiles: tuple[float, float] = (0.1, 0.9)) -> Any:
-    """Loss against s on a log scale: one run, or a sweep's seed median with a band per (L, M)."""
+    """Loss E against pseudo-time s on a log scale: one run, or a sweep's seed median with a
+    band per (L, M). ``ds``: a run or sweep ``Dataset``; ``ax``: draw into this ``Axes``."""
     plt = _plt()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4.5))
     if is_sweep(ds):
@@ -77,54 +106,114 @@ def loss(ds: Any, ax: Any = None, quantiles: tuple[float, float] = (0.1, 0.9)) -
             with np.errstate(all="ignore"):
                 med = np.nanmedian(one, axis=0)
                 lo, hi = np.nanquantile(one, quantiles, axis=0)
-            ax.plot(s, med, color=color, label=f"L={L}, M={M}")
+            ax.plot(s, med, color=color, label=f"$L={L}$, $M={M}$")
             ax.fill_between(s, lo, hi, color=color, alpha=0.2, linewidth=0)
         ax.set_title(sweep_title(ds) + f"\nmedian over seeds, band {quantiles[0]:.0%}–{quantiles[1]:.0%}",
                      fontsize=9)
         ax.legend(fontsize=7, ncol=2 if len(cases) > 6 else 1)
     else:
-        ax.plot(ds["s"].values, ds["loss"].values, color="C0", label="loss E")
+        ax.plot(ds["s"].values, ds["loss"].values, color="C0", label="loss $E$")
         ax.set_title(run_title(ds), fontsize=9)
         ax.legend()
     ax.set_yscale("log")
-    ax.set_xlabel("pseudo-time s (= steps · Δs)")
-    ax.set_ylabel("loss E")
+    ax.set_xlabel(S_LABEL + r" = steps $\times\ \Delta s$")
+    ax.set_ylabel("loss $E$")
     ax.grid(True, which="both", alpha=0.3)
     return fig
 
 
 # -- weight distributions ----------------------------------------------------------------
 def _quantities(ds: Any) -> dict[str, tuple[np.ndarray, str]]:
-    """Per-particle scalars (snapshot, layer, particle) to follow over training."""
+    """Per-particle scalars (snapshot, layer, particle) to follow over training, with their
+    axis labels (mathtext)."""
     U, W, b = (ds[v].values for v in ("U", "W", "b"))
     # each layer's W projected on the layer's mean direction of W at the last snapshot
     mean_dir = W[-1].mean(axis=1)
     norms = np.linalg.norm(mean_dir, axis=-1, keepdims=True)
     mean_dir = np.where(norms > 0, mean_dir / np.where(norms > 0, norms, 1), 0)
     return {
-        "|U|": (np.linalg.norm(U, axis=-1), "|U_{l,m}|"),
-        "W·ŵ": (np.einsum("slmd,ld->slm", W, mean_dir), "W_{l,m} · (layer's mean W direction at the end)"),
-        "b": (b, "b_{l,m}"),
+        "|U|": (np.linalg.norm(U, axis=-1), r"$|U_{l,m}|$"),
+        "W·ŵ": (np.einsum("slmd,ld->slm", W, mean_dir), r"$W_{l,m}\cdot\hat w_l$"),
+        "b": (b, r"$b_{l,m}$"),
     }
 
 
-def _layer_choice(L: int, layers: list[int] | None) -> list[int]:
-    if layers:
-        return [l for l in layers if 0 <= l < L]
+W_HAT = r"$\hat w_l$ = layer $l$'s mean direction of $W$ at the last snapshot"
+
+
+def snapshot_s(ds: Any) -> np.ndarray:
+    """The pseudo-time of every snapshot of a run ``Dataset``."""
+    if "snapshot_s" in ds:
+        return np.asarray(ds["snapshot_s"].values, dtype=float)
+    return np.asarray(ds["snapshot_step"].values, dtype=float) * float(ds.attrs["ds"])
+
+
+def check_layers(L: int, layers: Any) -> list[int]:
+    """``layers`` as a sorted list of distinct layer indices of a depth-``L`` run; raises
+    ``ConfigError`` for an index outside 0..L−1 (nothing is dropped)."""
+    out = []
+    for v in _as_list(layers):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise ConfigError(f"--layers must be layer indices (integers), got {v!r}")
+        if not 0 <= v < L:
+            raise ConfigError(f"--layers {v} is not a layer of this run: it has layers 0..{L - 1} (L = {L})")
+        out.append(int(v))
+    if not out:
+        raise ConfigError("--layers must list at least one layer")
+    return sorted(set(out))
+
+
+def _as_list(v: Any) -> list[Any]:
+    """One value or a sequence of them, as a list (a string is one value)."""
+    if isinstance(v, str) or np.ndim(v) == 0:
+        return [v]
+    return list(np.asarray(v).ravel()) if isinstance(v, np.ndarray) else list(v)
+
+
+def _layer_choice(L: int, layers: Any) -> list[int]:
+    if layers is not None:
+        return check_layers(L, layers)
     return sorted({0, L // 2, L - 1})
 
 
-def weights(ds: Any, layers: list[int] | None = None, bins: int = 40) -> Any:
-    """Histograms of |U|, W along its mean direction, and b over training (heatmaps over s),
-    for a few layers, plus each quantity's distribution over depth t at the last snapshot."""
+def snapshot_indices(ds: Any, at_s: Any) -> list[int]:
+    """The snapshot nearest to each pseudo-time of ``at_s``, in order; raises ``ConfigError``
+    for a time outside the run's snapshots [0, last] or two times that pick the same one."""
+    s = snapshot_s(ds)
+    if len(s) == 0:
+        raise ConfigError("the run has no complete snapshot")
+    idx: list[int] = []
+    for v in _as_list(at_s):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--at-s must be pseudo-times (numbers), got {v!r}") from None
+        span = s[-1] - s[0]
+        tol = 1e-9 * max(1.0, abs(span))
+        if not (np.isfinite(v) and s[0] - tol <= v <= s[-1] + tol):
+            raise ConfigError(f"--at-s {v:g} is outside the run's snapshots: s = {s[0]:g} to {s[-1]:g}")
+        k = int(np.argmin(np.abs(s - v)))
+        if k in idx:
+            raise ConfigError(f"--at-s {v:g} picks the snapshot at s = {s[k]:g} again (snapshots at s = "
+                              f"{', '.join(f'{x:g}' for x in s[:12])}{' ...' if len(s) > 12 else ''})")
+        idx.append(k)
+    if not idx:
+        raise ConfigError("--at-s must list at least one pseudo-time")
+    return sorted(idx)
+
+
+def weights(ds: Any, layers: Any = None, bins: int = 40) -> Any:
+    """Histograms of |U|, W along its layer's mean direction ŵ and b over training (density
+    against pseudo-time s) for a few layers, and each quantity's distribution over depth t
+    at the last snapshot. ``layers``: layer indices 0..L−1 [default: first, middle, last]."""
     plt = _plt()
     q = _quantities(ds)
-    s = ds["snapshot_s"].values if "snapshot_s" in ds else ds["snapshot_step"].values * ds.attrs["ds"]
+    s = snapshot_s(ds)
     L = ds.sizes["layer"]
     chosen = _layer_choice(L, layers)
     fig, axes = plt.subplots(len(q), len(chosen) + 1, figsize=(3.2 * (len(chosen) + 1), 2.6 * len(q)),
-                             squeeze=False)
-    for i, (name, (values, label)) in enumerate(q.items()):
+                             squeeze=False, layout="constrained")
+    for i, (values, label) in enumerate(q.values()):
         finite = values[np.isfinite(values)]
         lo, hi = (np.quantile(finite, [0.005, 0.995]) if finite.size else (0.0, 1.0))
         if hi <= lo:
@@ -134,19 +223,18 @@ def weights(ds: Any, layers: list[int] | None = None, bins: int = 40) -> Any:
             ax = axes[i, j]
             H = np.stack([np.histogram(values[k, l], bins=edges, density=True)[0] for k in range(len(s))], axis=1)
             ax.pcolormesh(_edges_of(s), edges, H, shading="flat", cmap="magma")
-            ax.set_title(f"{name}, layer l={l} (t={l / L:.2f})", fontsize=8)
-            ax.set_xlabel("pseudo-time s")
+            ax.set_title(f"{label}, layer $l={l}$ ($t={l / L:.2f}$)", fontsize=8)
+            ax.set_xlabel(S_LABEL)
             if j == 0:
-                ax.set_ylabel(label, fontsize=8)
+                ax.set_ylabel(label)
         ax = axes[i, -1]
         t = np.arange(L) / L
         H = np.stack([np.histogram(values[-1, l], bins=edges, density=True)[0] for l in range(L)], axis=1)
         mesh = ax.pcolormesh(_edges_of(t), edges, H, shading="flat", cmap="magma")
-        ax.set_title(f"{name} over depth at s={s[-1]:g}", fontsize=8)
-        ax.set_xlabel("depth t = l/L")
+        ax.set_title(f"{label} over depth at $s={s[-1]:g}$", fontsize=8)
+        ax.set_xlabel("depth $t = l/L$")
         fig.colorbar(mesh, ax=ax, label="density")
-    fig.suptitle("Particle distributions during training\n" + run_title(ds), fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("Particle distributions during training (" + W_HAT + ")\n" + run_title(ds), fontsize=9)
     return fig
 
 
@@ -158,28 +246,113 @@ def _edges_of(centres: np.ndarray) -> np.ndarray:
     return np.concatenate([[c[0] - (mid[0] - c[0])], mid, [c[-1] + (c[-1] - mid[-1])]])
 
 
-def clouds(ds: Any, at_s: list[float] | None = None) -> Any:
-    """Particle clouds (W·ŵ, b) of every layer at chosen pseudo-times, coloured by depth t."""
-    plt = _plt()
-    q = _quantities(ds)
-    s = ds["snapshot_s"].values if "snapshot_s" in ds else ds["snapshot_step"].values * ds.attrs["ds"]
-    if at_s:
-        idx = sorted({int(np.argmin(np.abs(s - v))) for v in at_s})
-    else:
-        idx = sorted({0, len(s) // 4, len(s) // 2, len(s) - 1})
-    L = ds.sizes["layer"]
-    fig, axes = plt.subplots(1, len(idx), figsize=(3.4 * len(idx), 3.4), squeeze=False, sharex=True, sharey=True)
-    x, y = q["W·ŵ"][0], q["b"][0]
-    t = np.broadcast_to((np.arange(L) / L)[:, None], x.shape[1:])
-    for ax, k in zip(axes[0], idx, strict=True):
-        sc = ax.scatter(x[k].ravel(), y[k].ravel(), c=t.ravel(), s=4, cmap="viridis", vmin=0, vmax=1, alpha=0.7)
-        ax.set_title(f"s = {s[k]:g}", fontsize=9)
-        ax.set_xlabel("W · ŵ (mean direction)")
+MAX_LEGEND_LAYERS = 8
+
+
+class _Clouds:
+    """Draws the (W·ŵ, b) clouds of some layers at one snapshot into an ``Axes``.
+
+    With up to ``MAX_LEGEND_LAYERS`` chosen layers each gets its own colour and a legend
+    entry; otherwise points are coloured by depth t. Points are drawn in one shuffled
+    order (fixed seed), so that no layer is systematically hidden under another.
+    """
+
+    def __init__(self, ds: Any, layers: Any = None) -> None:
+        q = _quantities(ds)
+        self.x, self.y = q["W·ŵ"][0], q["b"][0]
+        self.xlabel, self.ylabel = q["W·ŵ"][1], q["b"][1]
+        self.s = snapshot_s(ds)
+        self.L = L = ds.sizes["layer"]
+        self.layers = check_layers(L, layers) if layers is not None else list(range(L))
+        K = self.x.shape[2]
+        layer_of = np.repeat(np.array(self.layers), K)
+        self.order = np.random.default_rng(0).permutation(layer_of.size)
+        self.layer_of = layer_of[self.order]
+        self.legend = len(self.layers) <= MAX_LEGEND_LAYERS and layers is not None
+        if self.legend:
+            self.colors = np.array([_plt().get_cmap("tab10")(j % 10) for j in range(len(self.layers))])
+            self.point_colors = self.colors[np.searchsorted(self.layers, self.layer_of)]
+        finite = lambda v: v[np.isfinite(v)]  # noqa: E731
+        xs, ys = finite(self.x[:, self.layers]), finite(self.y[:, self.layers])
+        pad = lambda lo, hi: (lo - 0.05 * (hi - lo + 1e-12), hi + 0.05 * (hi - lo + 1e-12))  # noqa: E731
+        self.xlim = pad(*np.quantile(xs, [0.001, 0.999])) if xs.size else (-1, 1)
+        self.ylim = pad(*np.quantile(ys, [0.001, 0.999])) if ys.size else (-1, 1)
+
+    def points(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return (self.x[k, self.layers].ravel()[self.order], self.y[k, self.layers].ravel()[self.order])
+
+    def draw(self, ax: Any, k: int) -> Any:
+        from matplotlib.ticker import MaxNLocator
+
+        px, py = self.points(k)
+        size = 6 if px.size < 3000 else 3
+        if self.legend:
+            sc = ax.scatter(px, py, c=self.point_colors, s=size, alpha=0.6, linewidths=0)
+            for l, color in zip(self.layers, self.colors, strict=True):
+                ax.scatter([], [], color=color, s=12, label=f"$l={l}$ ($t={l / self.L:.2f}$)")
+        else:
+            sc = ax.scatter(px, py, c=self.layer_of / self.L, s=size, cmap="viridis", vmin=0, vmax=1, alpha=0.6,
+                            linewidths=0)
+        ax.set_xlim(*self.xlim)
+        ax.set_ylim(*self.ylim)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.set_title(f"$s = {self.s[k]:g}$", fontsize=9)
+        ax.set_xlabel(self.xlabel)
         ax.grid(True, alpha=0.3)
-    axes[0, 0].set_ylabel("b")
-    fig.colorbar(sc, ax=axes[0, -1], label="depth t = l/L")
-    fig.suptitle("Particle clouds (W·ŵ, b) of all layers\n" + run_title(ds), fontsize=9, y=1.04)
+        return sc
+
+    def finish(self, fig: Any, axes: list[Any], sc: Any) -> None:
+        axes[0].set_ylabel(self.ylabel)
+        if self.legend:
+            axes[-1].legend(fontsize=7, loc="upper right", markerscale=1.5, framealpha=0.8)
+        else:
+            fig.colorbar(sc, ax=axes, label="depth $t = l/L$", shrink=0.9)
+
+
+def clouds(ds: Any, at_s: Any = None, layers: Any = None) -> Any:
+    """Particle clouds (W·ŵ, b) at chosen pseudo-times, one panel per time.
+
+    ``at_s``: pseudo-times, each within the run's snapshots (the nearest snapshot is
+    drawn) [default: 0, about s/4, s/2 and the end]; ``layers``: layer indices
+    [default: all, coloured by depth t; up to 8 chosen layers get a legend]."""
+    plt = _plt()
+    s = snapshot_s(ds)
+    idx = snapshot_indices(ds, at_s) if at_s is not None else sorted({0, len(s) // 4, len(s) // 2, len(s) - 1})
+    cl = _Clouds(ds, layers)
+    fig, axes = plt.subplots(1, len(idx), figsize=(3.3 * len(idx) + 1.0, 3.6), squeeze=False, sharex=True,
+                             sharey=True, layout="constrained")
+    sc = None
+    for ax, k in zip(axes[0], idx, strict=True):
+        sc = cl.draw(ax, k)
+    cl.finish(fig, list(axes[0]), sc)
+    which = "all layers" if layers is None else f"layers {', '.join(map(str, cl.layers))}"
+    fig.suptitle(f"Particle clouds $(W\\cdot\\hat w_l,\\ b)$ of {which} ({W_HAT})\n" + run_title(ds), fontsize=9)
     return fig
+
+
+def animate(ds: Any, layers: Any = None, interval: float = 150) -> Any:
+    """An animation of the particle clouds (W·ŵ, b) over the run's snapshots, one frame per
+    snapshot (a matplotlib ``FuncAnimation``; write it with ``save(anim, "clouds.gif")``).
+    ``layers``: layer indices [default: first, middle, last]; ``interval``: ms per frame
+    when shown interactively."""
+    from matplotlib.animation import FuncAnimation
+
+    plt = _plt()
+    L = ds.sizes["layer"]
+    cl = _Clouds(ds, _layer_choice(L, layers))
+    fig, ax = plt.subplots(figsize=(5.6, 4.6), layout="constrained")
+    sc = cl.draw(ax, 0)
+    cl.finish(fig, [ax], sc)
+    fig.suptitle("Particle clouds over training\n" + run_title(ds), fontsize=8)
+
+    def frame(k: int) -> tuple[Any]:
+        px, py = cl.points(k)
+        sc.set_offsets(np.column_stack([px, py]))
+        ax.set_title(f"$s = {cl.s[k]:g}$  (snapshot {k + 1} of {len(cl.s)})", fontsize=9)
+        return (sc,)
+
+    return FuncAnimation(fig, frame, frames=len(cl.s), interval=interval, blit=False)
 
 
 # -- sweeps ---------------------------------------------------------------------------------
@@ -398,3 +571,4 @@ def size(sweep: Any, eta: float, at_s: float | None = None) -> Any:
 
 
 KINDS = ("loss", "weights", "clouds", "success", "rates")
+RUN_KINDS = ("loss", "weights", "clouds")

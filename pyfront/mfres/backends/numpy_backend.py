@@ -27,7 +27,7 @@ def choose_recompute(memory: str, L: int, M: int, N: int, dtype: np.dtype, B: in
 
 
 class NumpyBackend:
-    """Runs MODEL.md's kernels with NumPy (BLAS for the per-layer products).
+    """Runs docs/model.md's kernels with NumPy (BLAS for the per-layer products).
 
     ``memory``: ``store`` keeps every layer's σ(q), σ'(q) (fastest); ``recompute``
     keeps only the states z_l and recomputes one layer's activations in the adjoint;
