@@ -24,14 +24,6 @@ Examples:
 
 def _fail(e: BaseException | str, code: int) -> None:
     click.echo(f"Error: {_one_line(str(e))}", err=True)
-    from . import store
-
-    if store.abandoned():
-        # a write failed: exiting normally would let HDF5 flush half-written metadata
-        # over the file's last consistent state
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     sys.exit(code)
 
 

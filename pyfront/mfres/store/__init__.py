@@ -5,7 +5,7 @@
 
 from .reader import _allow_concurrent_readers, open_run, valid_snapshots
 from .schema import VARIABLES, particle_subset
-from .writer import RunWriter, abandoned
+from .writer import RunWriter
 
-__all__ = ["VARIABLES", "RunWriter", "_allow_concurrent_readers", "abandoned", "open_run", "particle_subset",
+__all__ = ["VARIABLES", "RunWriter", "_allow_concurrent_readers", "open_run", "particle_subset",
            "valid_snapshots"]

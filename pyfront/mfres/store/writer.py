@@ -65,11 +65,6 @@ LOCK_RETRY_SECONDS = 0.3
 DATA_FIELDS = ("data", "dim", "samples", "data_seed")
 
 
-def abandoned() -> bool:
-    """Always False: a failed write leaves nothing half-written (kept for older callers)."""
-    return False
-
-
 def _fsync_dir(fd: int) -> None:
     os.fsync(fd)
 
