@@ -16,7 +16,7 @@ Runs and sweeps (``mfres.api``):
 
 Figures (``mfres.plot``; each returns a matplotlib ``Figure``): ``plot_loss``,
 ``plot_weights``, ``plot_clouds``, ``animate_clouds`` (a matplotlib ``Animation``),
-``plot_success``, ``plot_rates``, and ``save_figure(fig, path)``.
+``plot_success``, ``plot_rates``, ``plot_size``, and ``save_figure(fig, path)``.
 
 ``progress=True`` shows a ``tqdm.auto`` progress bar (terminal or Jupyter). Errors
 are ``mfres.errors`` exceptions (``ConfigError``, ``DataError``, ``BackendError``,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _API = ("simulate", "analyze", "open_run", "open_sweep")
 # public name -> function of mfres.plot
 _FIGURES = {"plot_loss": "loss", "plot_weights": "weights", "plot_clouds": "clouds", "animate_clouds": "animate",
-            "plot_success": "success", "plot_rates": "rates", "save_figure": "save"}
+            "plot_success": "success", "plot_rates": "rates", "plot_size": "size", "save_figure": "save"}
 
 __all__ = ["RunConfig", "__version__", *_API, "sweep", *_FIGURES]
 

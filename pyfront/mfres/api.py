@@ -229,21 +229,18 @@ def sweep(out: str = "sweep.nc", *, depth: int | Sequence[int] = 16, width: int 
 
 
 def analyze(sweep: Any, eps: float = 1e-3, eta: float = 0.1, at_s: float | None = None,
-            reference: str = "deepest", out: str | None = None) -> Any:
-    """Size to ε, time to ε and convergence rates of a sweep, as one ``xarray.Dataset``.
+            confidence: float = 0.95, n_boot: int = 999, out: str | None = None) -> Any:
+    """Size and time to ε, the theorem's probability, convergence orders and the limit of a sweep.
 
     ``sweep``: a sweep ``Dataset`` (``mfres.sweep``, ``mfres.open_sweep``) or the path of a
     sweep file. ``eps``: the target loss ε; ``eta``: the failure probability η (target
-    1 − η); ``at_s``: the pseudo-time of the analysis (default the last); ``reference``:
-    the limit for the depth bias, ``deepest`` run or ``richardson`` extrapolation in 1/L.
-    ``out``: also write the result as netCDF. The variables are those of
-    ``mfres.analysis.size_to_eps`` (``success`` with its Wilson interval, ``s_eps``,
-    ``min_width``, ``min_depth``, ...) and ``mfres.analysis.convergence_rates``
-    (``depth_bias``, ``width_spread`` and their fitted slopes). The text table of
-    ``mfres analyze`` is ``mfres.analysis.report(sweep, eps, eta, at_s, reference)``.
+    1 − η); ``at_s``: the pseudo-time of the analysis (default the last); ``confidence``
+    of the Wilson and seed-bootstrap intervals, ``n_boot`` bootstrap resamples. ``out``:
+    also write the result as netCDF. Returns ``mfres.analysis.analyze``'s ``Dataset``
+    (``depth_order`` and ``width_order`` with ``_lo``/``_hi``, ``s_eps_median``, ``success``,
+    ``near_limit``, ``min_width``, ``min_depth``, ``limit``, ...); the text table of
+    ``mfres analyze`` is ``mfres.analysis.report(sweep, eps, eta, at_s, n_boot, confidence)``.
     """
-    import xarray as xr
-
     from . import analysis
 
     with python_errors():
@@ -254,15 +251,13 @@ def analyze(sweep: Any, eps: float = 1e-3, eta: float = 0.1, at_s: float | None 
         if "status" not in sweep or "seed" not in sweep.dims:
             raise ConfigError("not a sweep (made by mfres sweep)")
         try:
-            size = analysis.size_to_eps(sweep, eps, eta, at_s)
-            rates = analysis.convergence_rates(sweep, at_s, reference)
+            result = analysis.analyze(sweep, eps, eta, at_s, n_boot, confidence)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        result = xr.merge([size, rates], compat="override")
         if out:
             try:
                 result.to_netcdf(out)
-            except (OSError, ValueError) as e:
+            except (OSError, RuntimeError, ValueError) as e:
                 raise StorageError(f"cannot write {out}: {e}") from None
         return result
 

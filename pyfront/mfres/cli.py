@@ -349,8 +349,9 @@ Examples:
 
 @main.command(epilog=PLOT_EPILOG)
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--kind", "-k", type=click.Choice(["loss", "weights", "clouds", "success", "rates"]), default="loss",
-              show_default=True, help="loss (run or sweep); weights, clouds (run); success, rates (sweep).")
+@click.option("--kind", "-k", type=click.Choice(["loss", "weights", "clouds", "success", "rates", "size"]),
+              default="loss", show_default=True,
+              help="loss (run or sweep); weights, clouds (run); success, rates, size (sweep).")
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False),
               help="Figure file, .png, .pdf or .svg [default: FILE's name + _KIND.png].")
 @click.option("--layers", default=None,
@@ -363,12 +364,10 @@ Examples:
               help="clouds: write an animation over all snapshots to this .gif (or .mp4, with ffmpeg).")
 @click.option("--fps", type=float, default=6.0, show_default=True, help="--animate: frames per second.")
 @click.option("--eps", type=float, default=1e-3, show_default=True, help="success: target loss ε.")
-@click.option("--eta", type=float, default=0.1, show_default=True, help="success: failure probability η.")
-@click.option("--reference", type=click.Choice(["deepest", "richardson"]), default="deepest", show_default=True,
-              help="rates: the limit used for the depth bias.")
+@click.option("--eta", type=float, default=0.1, show_default=True, help="success, size: failure probability η.")
 @_guarded
 def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | None, animate: str | None,
-         fps: float, eps: float, eta: float, reference: str) -> None:
+         fps: float, eps: float, eta: float) -> None:
     """Draw a figure of a run file or a sweep file (or an animation of a run's particle clouds)."""
     from . import plot as figures
     from .store import open_run, valid_snapshots
@@ -376,8 +375,8 @@ def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | 
     # options that do not apply to --kind are refused rather than ignored
     if layers is not None and kind not in ("weights", "clouds"):
         raise ConfigError(f"--layers applies to --kind weights and clouds, not {kind}")
-    if at_s is not None and kind not in ("clouds", "success", "rates"):
-        raise ConfigError(f"--at-s applies to --kind clouds, success and rates, not {kind}")
+    if at_s is not None and kind not in ("clouds", "success", "rates", "size"):
+        raise ConfigError(f"--at-s applies to --kind clouds, success, rates and size, not {kind}")
     if animate is not None and kind != "clouds":
         raise ConfigError(f"--animate applies to --kind clouds, not {kind}")
     if animate is not None and at_s is not None:
@@ -388,7 +387,7 @@ def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | 
         raise ConfigError(f"--fps must be in (0, 1000), got {fps:g}")
     chosen = list(_int_list("--layers", layers)) if layers is not None else None
     times = list(_float_list("--at-s", at_s)) if at_s is not None else None
-    if times is not None and kind in ("success", "rates") and len(times) != 1:
+    if times is not None and kind in ("success", "rates", "size") and len(times) != 1:
         raise ConfigError(f"--kind {kind} takes one --at-s pseudo-time, got {len(times)}")
     target = animate or out or f"{os.path.splitext(file)[0]}_{kind}.png"
     _check_figure_path(target, animation=animate is not None)
@@ -397,7 +396,7 @@ def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | 
     sweep = figures.is_sweep(ds)
     if kind in ("weights", "clouds") and sweep:
         raise ConfigError(f"--kind {kind} needs a run file (mfres simulate), {file} is a sweep")
-    if kind in ("success", "rates") and not sweep:
+    if kind in ("success", "rates", "size") and not sweep:
         raise ConfigError(f"--kind {kind} needs a sweep file (mfres sweep), {file} is a single run")
     try:
         if kind == "loss":
@@ -410,8 +409,10 @@ def plot(file: str, kind: str, out: str | None, layers: str | None, at_s: str | 
             fig = figures.clouds(valid_snapshots(ds), times, chosen)
         elif kind == "success":
             fig = figures.success(ds, eps, eta, times[0] if times else None)
+        elif kind == "rates":
+            fig = figures.rates(ds, times[0] if times else None)
         else:
-            fig = figures.rates(ds, times[0] if times else None, reference)
+            fig = figures.size(ds, eta, times[0] if times else None)
     except ConfigError:
         raise
     except ValueError as e:

@@ -463,11 +463,10 @@ def _log_ticks(ax: Any, ticks: np.ndarray) -> None:
         ax.legend(fontsize=7)
 
 
-def rates(sweep: Any, at_s: float | None = None, reference: str | None = None) -> Any:
+def rates(sweep: Any, at_s: float | None = None) -> Any:
     """Convergence to the mean-field limit, log-log: |Ē_L − Ē_L'| of successive depths against L (slope −p,
     theory −1) and the seed spread against M (theory −1/2), with fits, seed-bootstrap intervals and the
-    theory's slopes. Only the panels the grid supports are drawn. (``reference`` is ignored: the depth
-    order needs no limit.)"""
+    theory's slopes. Only the panels the grid supports are drawn."""
     plt = _plt()
     r = analysis.convergence_rates(sweep, at_s)
     conf = r.attrs["confidence"]
