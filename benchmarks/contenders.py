@@ -31,7 +31,7 @@ SIZES = {
     "large": (64, 512, 16, 1024),
 }
 # GD steps per repeat and repeats, so that each measurement takes a second or more
-SCHEDULE = {"default": (100, 5), "small": (200, 5), "medium": (20, 5), "large": (3, 3)}
+SCHEDULE = {"default": (50, 3), "small": (100, 3), "medium": (10, 3), "large": (2, 3)}
 
 
 def warm_blas() -> None:

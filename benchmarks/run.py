@@ -251,12 +251,17 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small and medium sizes only, one repeat through the product")
     p.add_argument("--repeats", type=int, default=3, help="repeats through the product (medians)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--from-json", default=None, help="only rewrite --out from a saved results.json")
     a = p.parse_args()
+    if a.from_json:
+        res = load_saved(a.from_json)
+        write_results(a.out, res, res["sizes"])
+        return
     julia = find_julia(a.julia)
     peers = [name for name, mod in (("torch", "torch"), ("jax", "jax")) if have(mod)]
     sizes = ["small", "medium"] if a.quick else ["small", "medium", "large"]
     repeats = 1 if a.quick else a.repeats
-    sched = {"small": (200, 5), "medium": (20, 5), "large": (3, 3)}
+    sched = {"small": (100, 3), "medium": (10, 3), "large": (2, 3)}
     started = time.time()
     res: dict = {"load_start": load(), "cpu": cpu_description(), "blas": blas_description(),
                  "peaks": {t: matmul_peak(t) for t in ("float64", "float32")}, "rows": [], "product": {},
@@ -306,16 +311,29 @@ def main() -> None:
     for backend in (None, "julia"):
         print(f"mfres sweep {backend or ''} batched vs separate ...", file=sys.stderr, flush=True)
         try:
-            res["sweeps"][backend or "default"] = sweep_throughput(16, env, max(1, repeats - 1), backend)
+            res["sweeps"][backend or "default"] = sweep_throughput(16, env, 1, backend)
         except (Skipped, subprocess.TimeoutExpired) as e:
             res["skipped"][f"mfres sweep --backend {backend or '(default)'}"] = str(e)
     res["load_end"] = load()
     res["seconds"] = time.time() - started
+    res["sizes"] = sizes
+    save(res, HERE / "results.json")
     write_results(a.out, res, sizes)
-    with open(HERE / "results.json", "w") as f:
-        json.dump({k: v for k, v in res.items() if k != "product"} |
-                  {"product": {f"{b} {k}": v for (b, k), v in res["product"].items()}}, f, indent=1, default=str)
     print(f"wrote {a.out}", file=sys.stderr)
+
+
+def save(res: dict, path: Path) -> None:
+    """The raw measurements (``--from-json`` rewrites RESULTS.md from them)."""
+    out = {**res, "product": [[b, k, v] for (b, k), v in res["product"].items()],
+           "batched_numpy": {str(k): v for k, v in res["batched_numpy"].items()}}
+    path.write_text(json.dumps(out, indent=1))
+
+
+def load_saved(path: str) -> dict:
+    res = json.loads(Path(path).read_text())
+    res["product"] = {(b, k): v for b, k, v in res["product"]}
+    res["batched_numpy"] = {(k if k == "single" else int(k)): v for k, v in res["batched_numpy"].items()}
+    return res
 
 
 def write_results(path: str, res: dict, sizes: list[str]) -> None:

@@ -110,7 +110,8 @@ def setup(L: int, M: int, d: int, N: int, act: str = "tanh", B: int = 0, recompu
 @pytest.mark.parametrize("act", ["tanh", "softplus"])
 def test_results_do_not_depend_on_the_thread_count(memory: str, act: str) -> None:
     """Several sample blocks (N = 300 > CHUNK / M), run on 1, 2 and 3 threads: the same bits."""
-    L, M, d, N = 4, 90, 3, 300
+    M, d, N = 90, 3, 300
+    L = -(-model.PARALLEL_MIN // (N * M))  # just large enough to be split over threads
     assert model.sample_block(N, M) < N and L * N * M >= model.PARALLEL_MIN
     runs = []
     for threads in (1, 2, 3, 2):
@@ -126,7 +127,8 @@ def test_results_do_not_depend_on_the_thread_count(memory: str, act: str) -> Non
 
 def test_threaded_blocked_gradient_equals_the_plain_adjoint() -> None:
     """The blocked, threaded gradient against a straightforward one-array adjoint (np.tanh)."""
-    L, M, d, N = 3, 70, 2, 250
+    L, M, d, N = 16, 70, 2, 250
+    assert L * N * M >= model.PARALLEL_MIN and model.sample_block(N, M) < N
     theta, prob = setup(L, M, d, N)
     E, g = NumpyBackend("store", threads=2).loss_and_grad(theta, prob)
     x, y, a = prob.x, prob.y, prob.a
@@ -154,7 +156,8 @@ def test_threaded_blocked_gradient_equals_the_plain_adjoint() -> None:
 
 
 def test_batch_with_several_blocks_equals_separate_runs() -> None:
-    L, M, d, N = 3, 60, 2, 200
+    L, M, d, N = 8, 60, 2, 300
+    assert 3 * L * N * M >= model.PARALLEL_MIN and model.sample_block(N, M) < N
     batch, prob = setup(L, M, d, N, B=3)
     nets = [model.Particles(batch.U[j].copy(), batch.W[j].copy(), batch.b[j].copy()) for j in range(3)]
     traj = NumpyBackend(threads=2).advance(batch, prob, 0.3, 3)
@@ -166,7 +169,7 @@ def test_batch_with_several_blocks_equals_separate_runs() -> None:
 
 def test_numpy_error_state_reaches_the_worker_threads() -> None:
     """A diverging net warns nothing from the worker threads inside ``advance`` (it ignores overflow)."""
-    theta, prob = setup(4, 90, 3, 300)
+    theta, prob = setup(-(-model.PARALLEL_MIN // (300 * 90)), 90, 3, 300)
     theta.U *= 1e200
     with np.errstate(all="raise"):
         traj = NumpyBackend(threads=2).advance(theta, prob, 1.0, 3)

@@ -175,10 +175,15 @@ class Workspace:
         B = theta.batch[0] if theta.batch else 1
         return (self.L, self.M, self.d, self.N, self.dtype, self.B) == (*theta.shape, x.shape[0], theta.U.dtype, B)
 
+    @property
+    def parallel(self) -> bool:
+        """Large enough to split over threads (a property of the problem, not of ``threads``)."""
+        return self.L * self.B * self.N * self.M >= PARALLEL_MIN
+
     def run(self, task: Callable[[list, _ThreadScratch], None], items: list) -> None:
         """``task(part, scratch)`` on contiguous parts of ``items``, one part per thread."""
         n = min(self.threads, len(items))
-        if n <= 1 or self.L * self.B * self.N * self.M < PARALLEL_MIN:
+        if n <= 1 or not self.parallel:
             task(items, self.scratch[0])
             return
         parts = [items[len(items) * i // n: len(items) * (i + 1) // n] for i in range(n)]
@@ -192,8 +197,9 @@ class Workspace:
             f.result()
 
 
-PARALLEL_MIN = 1 << 16
-"""Fewer activations per step than this (L·B·N·M) run in the calling thread: a hand-over costs ~50 µs."""
+PARALLEL_MIN = 1 << 18
+"""Fewer activations per step than this (L·B·N·M) run in the calling thread: a hand-over costs ~50 µs,
+more on a busy machine (measured: at the default size, 65536, two threads were slower than one)."""
 
 
 class _ThreadScratch:

@@ -32,10 +32,17 @@ _BLAS: list = []
 
 
 @contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
+def one_blas_thread(work: model.Workspace | None = None) -> Iterator[None]:
     """BLAS on one thread inside: the backend's own threads split the work (an OpenBLAS that
     spins its own threads against ours, or against other processes on a busy machine, can
-    be ten times slower), and a product's numbers never depend on how BLAS cut it."""
+    be ten times slower), and a product's numbers never depend on how BLAS cut it.
+
+    Not for problems below ``model.PARALLEL_MIN`` (a choice by size, never by thread
+    count): BLAS does not split their small products, and finding the BLAS library
+    (threadpoolctl) costs a run ~0.1–0.5 s once."""
+    if work is not None and not work.parallel:
+        yield
+        return
     try:
         if not _BLAS:
             from threadpoolctl import ThreadpoolController
@@ -83,7 +90,7 @@ class NumpyBackend:
 
     def loss_and_grad(self, theta: Particles, problem: Problem) -> tuple[float, Particles]:
         work, _ = self._buffers(theta, problem)
-        with one_blas_thread():
+        with one_blas_thread(work):
             E, g = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
                                        problem.weight_decay, work)
         return E, g
@@ -92,7 +99,7 @@ class NumpyBackend:
         work, grad = self._buffers(theta, problem)
         losses = np.empty((n + 1, *theta.batch))
         norms = np.empty((n + 1, *theta.batch))
-        with np.errstate(over="ignore", invalid="ignore"), one_blas_thread():
+        with np.errstate(over="ignore", invalid="ignore"), one_blas_thread(work):
             for k in range(n + 1):
                 E, _ = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
                                            problem.weight_decay, work, grad)
