@@ -308,7 +308,10 @@ def main() -> None:
     res["batched_numpy"] = {"single": contender("numpy", "small", "float64"),
                             **{B: contender("numpy", "small", "float64", "--batch", str(B)) for B in (16, 64)}}
     res["sweeps"] = {}
-    for backend in (None, "julia"):
+    julia_ok = any(b == "julia" for b, _ in res["product"])
+    if not julia_ok:
+        res["skipped"]["mfres sweep --backend julia"] = "Julia does not run through the product here (above)"
+    for backend in (None, "julia") if julia_ok else (None,):
         print(f"mfres sweep {backend or ''} batched vs separate ...", file=sys.stderr, flush=True)
         try:
             res["sweeps"][backend or "default"] = sweep_throughput(16, env, 1, backend)
