@@ -2,10 +2,10 @@
 
     python benchmarks/profile_numpy.py [SIZE] [DTYPE]
 
-Times every NumPy call that ``mfres.model.loss_and_grad`` makes for one layer
-(medians of repeats), multiplies by L, and prints each one's share of the step,
-with the bytes it moves and the rate it reaches, next to a measured copy rate
-(the machine's memory bandwidth as NumPy sees it).
+Times every NumPy call that ``mfres.model.loss_and_grad`` makes for one layer, on one
+thread (medians of repeats): the per-block operations on every sample block, the two
+parameter-gradient products over all samples; multiplies by L and prints each one's
+share of a one-thread step, with the bytes it moves and the rate it reaches.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from contenders import SIZES, problem
 
 from mfres import activations, model
-from mfres.backends.numpy_backend import NumpyBackend
+from mfres.backends.numpy_backend import NumpyBackend, one_blas_thread
 
 
-def timed(f: Callable[[], object], repeats: int = 30) -> float:
+def timed(f: Callable[[], object], repeats: int = 20) -> float:
     f()
     out = []
     for _ in range(repeats):
@@ -41,43 +41,65 @@ def main() -> None:
     dtype = np.dtype(sys.argv[2] if len(sys.argv) > 2 else "float64")
     L, M, d, N = SIZES[size]
     theta, prob = problem(size, dtype.name)
-    backend = NumpyBackend("store")
-    step = timed(lambda: backend.advance(theta, prob, 0.0, 0), 5)
+    steps = {}
+    for threads in (1, 2):
+        backend = NumpyBackend("store", threads=threads)
+        steps[threads] = timed(lambda b=backend: b.advance(theta, prob, 0.0, 0), 5)
     w = model.Workspace.for_problem(theta.batched(), prob.x)
-    tb = theta.batched()
-    w.load(tb)
+    w.load(theta.batched())
     w.Z[:] = 0.5
+    w.P[:] = 0.5
     act = activations.parse("tanh")
-    S, D, Q, T, P, Pn, G, Z = w.S[0], w.D[0], w.Q, w.T, w.P, w.Pn, w.G, w.Z[0]
+    nb = model.sample_block(N, M)
+    blocks = len(w.blocks)
+    blk = slice(0, nb)
+    ts = w.scratch[0]
+    q, pn = ts.Q[:, :nb], ts.Pn[:, :nb]
+    S, D, Z, P = w.S[0, :, blk], w.D[0, :, blk], w.Z[0, :, blk], w.P[1, :, blk]
     gU = np.empty((1, M, d), dtype)
-    big = N * M * dtype.itemsize
-    small = N * (d + 1) * dtype.itemsize
-    ops = [
-        ("Q = [z 1]·[W b]ᵀ", lambda: np.matmul(Z, w.Wb[:, 0].transpose(0, 2, 1), out=Q), big + small),
-        ("σ, σ' (tanh, 1 − s²)", lambda: activations.value_and_derivative(act, Q, S, D), 4 * big),
-        ("z += c σ·[U 0]", lambda: np.matmul(S, w.U0[:, 0], out=w.Z[1]), big + small),
-        ("T = P·[U 0]ᵀ", lambda: np.matmul(P, w.U0[:, 0].transpose(0, 2, 1), out=T), big + small),
-        ("T *= σ'", lambda: np.multiply(T, D, out=T), 3 * big),
-        ("∂U = σᵀ·P", lambda: np.matmul(S.transpose(0, 2, 1), P[..., :d], out=gU), big + small),
-        ("[∂W ∂b] = Tᵀ·[z 1]", lambda: np.matmul(T.transpose(0, 2, 1), Z, out=G), big + small),
-        ("Pn = T·[W b]", lambda: np.matmul(T, w.Wb[:, 0], out=Pn), big + small),
+    c = dtype.type(0.5)
+    isz = dtype.itemsize
+    big, small = nb * M * isz, nb * (d + 1) * isz
+    per_block = [
+        ("Q = [z 1]·[W b]ᵀ", lambda: np.matmul(Z, w.Wb[:, 0].transpose(0, 2, 1), out=q), big + small),
+        ("σ, σ' (mfres tanh, 1 − s²)", lambda: activations.value_and_derivative(act, q, S, D, ts.act), 3 * big),
+        ("z' = z + c σ·[U 0]", lambda: (np.matmul(S, w.U0[:, 0], out=w.Z[1, :, blk]), np.multiply(w.Z[1, :, blk], c,
+                                        out=w.Z[1, :, blk]), np.add(w.Z[1, :, blk], Z, out=w.Z[1, :, blk])),
+         big + 3 * small),
+        ("U·p", lambda: np.matmul(P, w.U0[:, 0].transpose(0, 2, 1), out=q), big + small),
+        ("T = σ' (U·p)", lambda: np.multiply(q, D, out=D), 3 * big),
+        ("p' = p + c T·[W b]", lambda: (np.matmul(D, w.Wb[:, 0], out=pn), np.multiply(pn, c, out=pn),
+                                        np.add(P, pn, out=w.P[0, :, blk])), big + 3 * small),
     ]
-    a = np.ones(N * M, dtype)
-    b = np.empty_like(a)
-    copy_rate = 2 * a.nbytes / timed(lambda: np.copyto(b, a))
-    total = 0.0
+    whole = [
+        ("∂U = σᵀ·P (all N)", lambda: np.matmul(w.S[0].transpose(0, 2, 1), w.P[1, ..., :d], out=gU),
+         N * M * isz + N * d * isz),
+        ("[∂W ∂b] = Tᵀ·[z 1] (all N)", lambda: np.matmul(w.D[0].transpose(0, 2, 1), w.Z[0], out=ts.G),
+         N * M * isz + N * (d + 1) * isz),
+    ]
+    ref = ("np.tanh, 1 − s² (not used)",
+           lambda: (np.tanh(q, out=S), np.multiply(S, S, out=D), np.subtract(1, D, out=D)))
     rows = []
-    for name, f, nbytes in ops:
-        t = timed(f) * L
-        total += t
-        rows.append((name, t, nbytes * L / t))
-    print(f"{size} (L={L}, M={M}, d={d}, N={N}), {dtype.name}: one GD step {step * 1e3:.1f} ms; "
-          f"copy rate {copy_rate / 1e9:.1f} GB/s")
-    print(f"{'operation (×L layers)':<26} {'ms':>8} {'share':>7} {'GB/s':>7}")
+    total = 0.0
+    with one_blas_thread():
+        for name, f, nbytes in per_block:
+            t = timed(f) * blocks * L
+            total += t
+            rows.append((name, t, nbytes * blocks * L / t))
+        for name, f, nbytes in whole:
+            t = timed(f) * L
+            total += t
+            rows.append((name, t, nbytes * L / t))
+        t_ref = timed(ref[1]) * blocks * L
+    print(f"{size} (L={L}, M={M}, d={d}, N={N}), {dtype.name}, {blocks} sample blocks of {nb}: one GD step "
+          f"{steps[1] * 1e3:.1f} ms on 1 thread, {steps[2] * 1e3:.1f} ms on 2")
+    print(f"{'operation (×blocks×L or ×L)':<30} {'ms':>8} {'share':>7} {'GB/s':>7}")
     for name, t, rate in rows:
-        print(f"{name:<26} {t * 1e3:>8.2f} {100 * t / step:>6.1f}% {rate / 1e9:>7.1f}")
-    print(f"{'sum of the above':<26} {total * 1e3:>8.2f} {100 * total / step:>6.1f}%")
-    print(f"{'rest (Python, small ops)':<26} {(step - total) * 1e3:>8.2f} {100 * (step - total) / step:>6.1f}%")
+        print(f"{name:<30} {t * 1e3:>8.2f} {100 * t / steps[1]:>6.1f}% {rate / 1e9:>7.1f}")
+    print(f"{'sum of the above':<30} {total * 1e3:>8.2f} {100 * total / steps[1]:>6.1f}%")
+    rest = steps[1] - total
+    print(f"{'rest (Python, small ops)':<30} {rest * 1e3:>8.2f} {100 * rest / steps[1]:>6.1f}%")
+    print(f"{ref[0]:<30} {t_ref * 1e3:>8.2f} {100 * t_ref / steps[1]:>6.1f}%")
 
 
 if __name__ == "__main__":

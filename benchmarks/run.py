@@ -1,13 +1,16 @@
 """The benchmark: every contender, same model and sizes, back to back; writes RESULTS.md.
 
-    python benchmarks/run.py [--julia PATH] [--quick]
+    python benchmarks/run.py [--julia PATH] [--quick] [--repeats R]
 
-Contenders (each measured in a fresh process, medians over repeats, 2 threads):
-the NumPy backend (activations stored, and recomputed), the Julia kernels with 1
-and 2 threads (Julia from --julia, $MFRES_JULIA or PATH), and the PyTorch autograd
-peer (benchmarks/torch_peer.py, if torch is installed). Also measured: the
-machine's dense-matmul peak, float32 against float64 over 100 steps, and batched
-against separate small runs.
+Contenders (each measured in a fresh process, medians over repeats, 2 threads unless
+named otherwise): the NumPy backend (2 threads, 1 thread, activations recomputed), the
+Julia kernels with 1 and 2 threads (Julia from --julia, $MFRES_JULIA or PATH), and the
+peers, PyTorch autograd (benchmarks/torch_peer.py) and JAX jit (benchmarks/jax_peer.py),
+where installed (``pip install -e '.[bench]'``). Through the product: ``mfres simulate``
+per step, start-up excluded by step-count differencing, for ``--backend numpy`` and
+``--backend julia`` (skipped, with the reason, where Julia cannot run), and batched
+seeds (``mfres sweep``) against separate runs. Also measured: the machine's dgemm rate,
+the Julia activation's rate, float32 against float64.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,25 +35,52 @@ sys.path.insert(0, str(HERE))
 from contenders import SIZES  # noqa: E402
 
 THREADS = 2
+DEFAULT = (16, 64, 4, 64)  # mfres simulate's default L, M, d, N
+# (n1, n2) GD steps for step-count differencing through the product, and the snapshot interval
+PRODUCT_STEPS = {"default": (400, 2000, 100), "small": (400, 2000, 100), "medium": (10, 60, 10),
+                 "large": (2, 8, 2)}
 
 
-def contender(*args: str) -> dict:
-    res = subprocess.run([sys.executable, str(HERE / "contenders.py"), *args], capture_output=True, text=True)
+class Skipped(Exception):
+    """A contender that cannot run here; the message says why."""
+
+
+def product_env(julia: str | None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "pyfront")}
+    if julia:
+        env["MFRES_JULIA"] = julia
+    return env
+
+
+def contender(*args: str) -> dict | None:
+    res = subprocess.run([sys.executable, str(HERE / "contenders.py"), *args], capture_output=True, text=True,
+                         env=product_env(None))
     if res.returncode != 0:
-        raise RuntimeError(f"contenders.py {' '.join(args)} failed:\n{res.stderr[-2000:]}")
+        print(f"contenders.py {' '.join(args)} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def julia_run(julia: str, threads: int, size: str, dtype: str, steps: int, repeats: int) -> dict:
+def julia_run(julia: str, threads: int, size: str, dtype: str, steps: int, repeats: int) -> dict | None:
     L, M, d, N = SIZES[size]
     res = subprocess.run([julia, "-t", str(threads), "--startup-file=no", f"--project={ROOT}",
                           str(HERE / "julia_bench.jl"), str(L), str(M), str(d), str(N), dtype, str(steps),
                           str(repeats)], capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"julia_bench.jl failed:\n{res.stderr[-2000:]}")
+        print(f"julia_bench.jl failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
     med, _, first, last, rss, kept = res.stdout.split()[-6:]
     return {"sec_per_step": float(med), "loss_first": float(first), "loss_last": float(last),
             "peak_bytes": int(rss), "kept_bytes": int(kept)}
+
+
+def julia_activation_rate(julia: str, threads: int, n: int) -> float | None:
+    res = subprocess.run([julia, "-t", str(threads), "--startup-file=no", str(HERE / "julia_act_rate.jl"), str(n)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"julia_act_rate.jl failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return float(res.stdout.split()[-1])
 
 
 def matmul_peak(dtype: str, n: int = 2048) -> float:
@@ -67,22 +98,134 @@ def _timed(f) -> float:
     return time.perf_counter() - t0
 
 
-def flops_per_step(size: str) -> float:
-    L, M, d, N = SIZES[size]
+def flops_per_step(L: int, M: int, d: int, N: int) -> float:
     return 12.0 * N * M * d * L
+
+
+# --- through the product ----------------------------------------------------------------------
+
+def _simulate_seconds(backend: str, size: tuple[int, int, int, int], steps: int, every: int, env: dict,
+                      folder: str) -> float:
+    L, M, d, N = size
+    out = os.path.join(folder, f"r{steps}.nc")
+    cmd = [sys.executable, "-m", "mfres.cli", "simulate", "-L", str(L), "-M", str(M), "-d", str(d), "-N", str(N),
+           "--steps", str(steps), "--snapshot-every", str(every), "--ds", "0.1", "--backend", backend, "--quiet",
+           "--overwrite", "--out", out]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines() or [f"exit code {res.returncode}"]
+        raise Skipped(lines[-1])
+    return seconds
+
+
+def simulate_per_step(backend: str, size: tuple[int, int, int, int], key: str, env: dict, repeats: int) -> dict:
+    """Seconds per step of ``mfres simulate`` by step-count differencing, (t(n2) − t(n1)) / (n2 − n1)."""
+    n1, n2, every = PRODUCT_STEPS[key]
+    with tempfile.TemporaryDirectory() as folder:
+        _simulate_seconds(backend, size, 1, 1, env, folder)  # fails fast, with the reason, if unusable
+        per = []
+        for _ in range(repeats):
+            t1 = _simulate_seconds(backend, size, n1, every, env, folder)
+            t2 = _simulate_seconds(backend, size, n2, every, env, folder)
+            per.append((t2 - t1) / (n2 - n1))
+    return {"sec_per_step": float(np.median(per)), "all": per, "steps": (n1, n2), "every": every}
+
+
+def _sweep_seconds(seeds: int, steps: int, env: dict, folder: str, separate: bool, backend: str | None) -> float:
+    L, M, d, N = SIZES["small"]
+    out = os.path.join(folder, f"s{steps}{separate}.nc")
+    cmd = [sys.executable, "-m", "mfres.cli", "sweep", "-L", str(L), "-M", str(M), "-d", str(d), "-N", str(N),
+           "--seeds", str(seeds), "--steps", str(steps), "--ds", "0.1", "--workers", "1", "--quiet", "--out", out]
+    if backend:
+        cmd += ["--backend", backend]
+    if separate:
+        cmd += ["--keep-runs", os.path.join(folder, f"runs{steps}")]
+    if os.path.exists(out):
+        os.remove(out)
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines() or [f"exit code {res.returncode}"]
+        raise Skipped(lines[-1])
+    shutil.rmtree(os.path.join(folder, f"runs{steps}"), ignore_errors=True)
+    return seconds
+
+
+def sweep_throughput(seeds: int, env: dict, repeats: int, backend: str | None) -> dict:
+    """Net-steps per second of ``mfres sweep`` over ``seeds`` seeds at the small size, batched
+    (one call advances all seeds) and separate (``--keep-runs``: one run, one file per seed),
+    each by step-count differencing."""
+    n1, n2 = 100, 500
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for mode, separate in (("batched", False), ("separate", True)):
+            per = []
+            for _ in range(repeats):
+                t1 = _sweep_seconds(seeds, n1, env, folder, separate, backend)
+                t2 = _sweep_seconds(seeds, n2, env, folder, separate, backend)
+                per.append((t2 - t1) / (n2 - n1) / seeds)
+            out[mode] = float(np.median(per))
+    return out
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+def cpu_description() -> dict:
+    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                info["model"] = value.strip()
+            if key.strip() == "Flags":
+                info["flags"] = [f for f in value.split() if f == "avx2" or f == "fma" or f.startswith("avx512")]
+    except OSError:
+        pass
+    return info
+
+
+def blas_description() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        libs = [f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernels, "
+                f"{i['num_threads']} threads)" for i in threadpool_info() if i["user_api"] == "blas"]
+        desc = ", ".join(libs) or "none found"
+    except ImportError:
+        desc = "unknown (threadpoolctl missing)"
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        desc += f"; OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
+    return desc
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
 
 
 def find_julia(given: str | None) -> str | None:
     return given or os.environ.get("MFRES_JULIA") or shutil.which("julia")
 
 
-def have_torch() -> bool:
-    try:
-        import importlib.util
+def have(module: str) -> bool:
+    import importlib.util
 
-        return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec(module) is not None
     except ValueError:
         return False
+
+
+def version_of(module: str) -> str:
+    res = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
+                         capture_output=True, text=True)
+    return res.stdout.strip() or "?"
 
 
 def fmt_ms(x: float | None) -> str:
@@ -97,191 +240,328 @@ def ratio(a: float | None, b: float | None) -> str:
     return "–" if a is None or b is None else f"{a / b:.2f}×"
 
 
+def get(r: dict, key: str, field: str = "sec_per_step"):
+    v = r.get(key)
+    return None if not isinstance(v, dict) else v.get(field)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--julia", default=None)
-    p.add_argument("--quick", action="store_true", help="small and medium sizes only")
+    p.add_argument("--quick", action="store_true", help="small and medium sizes only, one repeat through the product")
+    p.add_argument("--repeats", type=int, default=3, help="repeats through the product (medians)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--from-json", default=None, help="only rewrite --out from a saved results.json")
     a = p.parse_args()
+    if a.from_json:
+        res = load_saved(a.from_json)
+        write_results(a.out, res, res["sizes"])
+        return
     julia = find_julia(a.julia)
-    torch = have_torch()
+    peers = [name for name, mod in (("torch", "torch"), ("jax", "jax")) if have(mod)]
     sizes = ["small", "medium"] if a.quick else ["small", "medium", "large"]
-    sched = {"small": (200, 5), "medium": (20, 5), "large": (3, 3)}
+    repeats = 1 if a.quick else a.repeats
+    sched = {"small": (100, 3), "medium": (10, 3), "large": (2, 3)}
     started = time.time()
-    peaks = {dt_: matmul_peak(dt_) for dt_ in ("float64", "float32")}
-    rows = []
+    res: dict = {"load_start": load(), "cpu": cpu_description(), "blas": blas_description(),
+                 "peaks": {t: matmul_peak(t) for t in ("float64", "float32")}, "rows": [], "product": {},
+                 "skipped": {}, "versions": {m: version_of(m) for m in peers}}
+    res["versions"]["julia"] = (subprocess.run([julia, "--version"], capture_output=True, text=True).stdout.strip()
+                                if julia else "not found")
     for size in sizes:
         for dtype in ("float64", "float32"):
             print(f"{size} {dtype} ...", file=sys.stderr, flush=True)
             r: dict = {"size": size, "dtype": dtype}
-            r["numpy"] = contender("numpy", size, dtype, "--memory", "store")
-            r["numpy_re"] = contender("numpy", size, dtype, "--memory", "recompute")
+            r["numpy"] = contender("numpy", size, dtype, "--memory", "store", "--threads", str(THREADS))
+            if dtype == "float64":
+                r["numpy1"] = contender("numpy", size, dtype, "--memory", "store", "--threads", "1")
+                r["numpy_re"] = contender("numpy", size, dtype, "--memory", "recompute", "--threads", str(THREADS))
             if julia:
                 steps, reps = sched[size]
-                r["julia1"] = julia_run(julia, 1, size, dtype, steps, reps)
+                if dtype == "float64":
+                    r["julia1"] = julia_run(julia, 1, size, dtype, steps, reps)
                 r["julia2"] = julia_run(julia, THREADS, size, dtype, steps, reps)
-            if torch:
-                r["torch"] = contender("pytorch", size, dtype)
-            rows.append(r)
-    # float32 against float64 over 100 steps at the largest size
-    big = sizes[-1]
-    f32 = {"numpy": [contender("numpy", big, t, "--steps", "100") for t in ("float64", "float32")]}
+            if dtype == "float64":
+                if "torch" in peers:
+                    r["torch"] = contender("pytorch", size, dtype)
+                if "jax" in peers:
+                    r["jax"] = contender("jax", size, dtype)
+            res["rows"].append(r)
+    # through the product
+    env = product_env(julia)
+    product_sizes = [("default", DEFAULT)] + [(s, SIZES[s]) for s in sizes]
+    for backend in ("numpy", "julia"):
+        for key, size in product_sizes:
+            print(f"mfres simulate --backend {backend}, {key} ...", file=sys.stderr, flush=True)
+            try:
+                res["product"][(backend, key)] = simulate_per_step(backend, size, key, env, repeats)
+            except (Skipped, subprocess.TimeoutExpired) as e:
+                res["skipped"][f"mfres simulate --backend {backend}"] = str(e)
+                break
+    # the backend alone at the default size (the other sizes are in the contender rows)
+    res["numpy_default"] = contender("numpy", "default", "float64", "--threads", str(THREADS))
+    # goal 2: the Julia machine limit
     if julia:
-        f32["julia"] = [julia_run(julia, THREADS, big, t, 100, 1) for t in ("float64", "float32")]
-    # batched small runs
-    single = contender("numpy", "small", "float64")
-    batched = {B: contender("numpy", "small", "float64", "--batch", str(B)) for B in (16, 64)}
-    write_results(a.out, rows, peaks, f32, big, single, batched, julia, torch, time.time() - started)
+        _, M, _, N = SIZES[sizes[-1]]
+        res["julia_act"] = julia_activation_rate(julia, THREADS, N * M)
+    # goal 5: many small runs
+    res["batched_numpy"] = {"single": contender("numpy", "small", "float64"),
+                            **{B: contender("numpy", "small", "float64", "--batch", str(B)) for B in (16, 64)}}
+    res["sweeps"] = {}
+    julia_ok = any(b == "julia" for b, _ in res["product"])
+    if not julia_ok:
+        res["skipped"]["mfres sweep --backend julia"] = "Julia does not run through the product here (above)"
+    for backend in (None, "julia") if julia_ok else (None,):
+        print(f"mfres sweep {backend or ''} batched vs separate ...", file=sys.stderr, flush=True)
+        try:
+            res["sweeps"][backend or "default"] = sweep_throughput(16, env, 1, backend)
+        except (Skipped, subprocess.TimeoutExpired) as e:
+            res["skipped"][f"mfres sweep --backend {backend or '(default)'}"] = str(e)
+    res["load_end"] = load()
+    res["seconds"] = time.time() - started
+    res["sizes"] = sizes
+    save(res, HERE / "results.json")
+    write_results(a.out, res, sizes)
     print(f"wrote {a.out}", file=sys.stderr)
 
 
-def get(r: dict, key: str, field: str = "sec_per_step"):
-    return r.get(key, {}).get(field)
+def save(res: dict, path: Path) -> None:
+    """The raw measurements (``--from-json`` rewrites RESULTS.md from them)."""
+    out = {**res, "product": [[b, k, v] for (b, k), v in res["product"].items()],
+           "batched_numpy": {str(k): v for k, v in res["batched_numpy"].items()}}
+    path.write_text(json.dumps(out, indent=1))
 
 
-def write_results(path: str, rows: list[dict], peaks: dict, f32: dict, big: str, single: dict, batched: dict,
-                  julia: str | None, torch: bool, seconds: float) -> None:
-    jl_version = subprocess.run([julia, "--version"], capture_output=True, text=True).stdout.strip() if julia else "–"
+def load_saved(path: str) -> dict:
+    res = json.loads(Path(path).read_text())
+    res["product"] = {(b, k): v for b, k, v in res["product"]}
+    res["batched_numpy"] = {(k if k == "single" else int(k)): v for k, v in res["batched_numpy"].items()}
+    return res
+
+
+def write_results(path: str, res: dict, sizes: list[str]) -> None:
+    rows, peaks, prod = res["rows"], res["peaks"], res["product"]
+    cpu = res["cpu"]
+    avx512 = [f for f in cpu["flags"] if f.startswith("avx512")]
+    vers = res["versions"]
     lines = [
         "# Benchmarks",
         "",
-        f"Produced by `python benchmarks/run.py` on {dt.datetime.now():%Y-%m-%d %H:%M}, in {seconds:.0f} s: "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"NumPy {np.__version__}, {jl_version}, "
-        f"PyTorch {'(' + _torch_version() + ')' if torch else 'not installed'}. "
-        f"{THREADS} threads for every contender. Model: docs/model.md with tanh, GD steps of Δs = 0.1; "
-        "seconds per step are medians over repeats, each contender in a fresh process.",
+        f"Produced by `python benchmarks/run.py` on {dt.datetime.now():%Y-%m-%d %H:%M}, in {res['seconds']:.0f} s.",
         "",
-        f"Machine limit: dense {2048}×{2048} matmul through NumPy's BLAS reaches "
-        f"{peaks['float64']:.1f} GFLOP/s in float64 and {peaks['float32']:.1f} GFLOP/s in float32. "
-        "'% peak' is the step's matrix work, 12·N·M·d·L flops, over the time of a step, against that peak "
-        "(the N·M·L activations per step are not counted as flops).",
+        f"- CPU: {cpu['model']}, {os.cpu_count()} cores; vector extensions: "
+        f"{' '.join(cpu['flags']) or 'none listed'}{'' if avx512 else ' (no AVX-512)'}.",
+        f"- NumPy {np.__version__}, BLAS: {res['blas']}.",
+        f"- Measured dgemm rate (dense 2048×2048 through NumPy's BLAS, best of 5): {peaks['float64']:.1f} GFLOP/s "
+        f"float64, {peaks['float32']:.1f} GFLOP/s float32.",
+        f"- Python {platform.python_version()}, {vers.get('julia')}, PyTorch {vers.get('torch', 'not installed')}, "
+        f"JAX {vers.get('jax', 'not installed')} (float64 enabled).",
+        f"- The machine's 2 cores were shared with other work while this ran (load average "
+        f"{res['load_start']} at the start, {res['load_end']} at the end, 1/5/15 min): absolute times are "
+        "inflated and noisy; every figure is a median over repeats, each contender in a fresh process, "
+        "and the contenders of one row ran back to back, so their ratios are the figures to read.",
         "",
-        "Sizes: small L=8, M=16, d=4, N=32; medium L=32, M=128, d=8, N=256; large L=64, M=512, d=16, N=1024.",
+        f"Model: docs/model.md with tanh, GD steps of Δs = 0.1, {THREADS} threads for every contender unless said "
+        "otherwise. Sizes (L, M, d, N): "
+        + "; ".join(f"{k} {v}" for k, v in SIZES.items() if k != "default") + f"; default {DEFAULT}.",
         "",
-        "## Seconds per GD step (ms)",
+        "## Milliseconds per GD step (E, ∇E and the update), float64",
         "",
-        "| size | dtype | NumPy | NumPy recompute | Julia 1 thread | Julia 2 threads | PyTorch | "
-        "PyTorch / NumPy | PyTorch / Julia | Julia 2 / 1 threads | % peak NumPy | % peak Julia |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        npy, jl2 = get(r, "numpy"), get(r, "julia2")
-        fl = flops_per_step(r["size"]) / 1e9
-        pk = peaks[r["dtype"]]
-        lines.append(
-            f"| {r['size']} | {r['dtype']} | {fmt_ms(npy)} | {fmt_ms(get(r, 'numpy_re'))} | "
-            f"{fmt_ms(get(r, 'julia1'))} | {fmt_ms(jl2)} | {fmt_ms(get(r, 'torch'))} | "
-            f"{ratio(get(r, 'torch'), npy)} | {ratio(get(r, 'torch'), jl2)} | {ratio(get(r, 'julia1'), jl2)} | "
-            f"{100 * fl / npy / pk:.1f} | " + (f"{100 * fl / jl2 / pk:.1f} |" if jl2 else "– |"))
-    lines += [
-        "",
-        "## Memory (MiB): peak resident memory above the baseline, against the arrays kept",
-        "",
-        "The NumPy baseline is taken once the inputs exist; Julia's once its code is compiled (on a tiny "
-        "problem) and reports the resident memory after the timed steps. 'kept' is θ plus the workspace: "
-        "for 'store' the L·N·M activations σ(q), σ'(q); for 'recompute' the L·N·d states and one layer.",
-        "",
-        "| size | dtype | NumPy peak | NumPy kept | ratio | recompute peak | recompute kept | ratio | "
-        "recompute / store time | Julia 2 threads | Julia kept | ratio | PyTorch peak |",
+        "| size | NumPy | NumPy 1 thread | NumPy recompute | Julia kernels 1 thread | Julia kernels 2 threads "
+        "| PyTorch | JAX jit | JAX / NumPy | JAX / Julia | % dgemm peak NumPy | % dgemm peak Julia "
+        "| CPU ms per step NumPy / JAX |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        n, re_, jl = r["numpy"], r["numpy_re"], r.get("julia2", {})
+        if r["dtype"] != "float64":
+            continue
+        npy, jl2, jx = get(r, "numpy"), get(r, "julia2"), get(r, "jax")
+        fl = flops_per_step(*SIZES[r["size"]]) / 1e9
+        pk = peaks["float64"]
         lines.append(
-            f"| {r['size']} | {r['dtype']} | {fmt_mb(n['peak_bytes'])} | {fmt_mb(n['kept_bytes'])} | "
+            f"| {r['size']} | {fmt_ms(npy)} | {fmt_ms(get(r, 'numpy1'))} | {fmt_ms(get(r, 'numpy_re'))} | "
+            f"{fmt_ms(get(r, 'julia1'))} | {fmt_ms(jl2)} | {fmt_ms(get(r, 'torch'))} | {fmt_ms(jx)} | "
+            f"{ratio(jx, npy)} | {ratio(jx, jl2)} | "
+            + (f"{100 * fl / npy / pk:.1f}" if npy else "–") + " | "
+            + (f"{100 * fl / jl2 / pk:.1f} |" if jl2 else "– |")
+            + f" {fmt_ms(get(r, 'numpy', 'cpu_per_step'))} / {fmt_ms(get(r, 'jax', 'cpu_per_step'))} |")
+    lines += ["", "CPU ms per step: CPU time of all the contender's threads per step (a measure of work that "
+              "the other processes on the machine inflate less than the wall-clock time).", "",
+              "Correctness of the peers (E and ∇E at the initial θ against mfres's NumPy backend, relative: "
+              "|ΔE|/|E|, max |Δ∇E| / max |∇E|):", ""]
+    for r in rows:
+        for peer in ("jax",):
+            chk = get(r, peer, "check")
+            if chk:
+                lines.append(f"- {peer} at {r['size']}: E {chk['loss_rel']:.1e}, ∇E {chk['grad_rel']:.1e}")
+        t, n = get(r, "torch", "loss_last"), get(r, "numpy", "loss_last")
+        if t is not None and n is not None and r["dtype"] == "float64":
+            lines.append(f"- torch at {r['size']}: E after the timed steps {abs(t - n) / abs(n):.1e} from NumPy's")
+
+    lines += ["", "## float32 (ms per GD step)", "", "| size | NumPy float32 | NumPy float64 | speed-up | "
+              "Julia 2 threads float32 | Julia float64 | speed-up |", "|---|---|---|---|---|---|---|"]
+    by = {(r["size"], r["dtype"]): r for r in rows}
+    for size in sizes:
+        r32, r64 = by.get((size, "float32"), {}), by.get((size, "float64"), {})
+        lines.append(f"| {size} | {fmt_ms(get(r32, 'numpy'))} | {fmt_ms(get(r64, 'numpy'))} | "
+                     f"{ratio(get(r64, 'numpy'), get(r32, 'numpy'))} | {fmt_ms(get(r32, 'julia2'))} | "
+                     f"{fmt_ms(get(r64, 'julia2'))} | {ratio(get(r64, 'julia2'), get(r32, 'julia2'))} |")
+
+    lines += ["", "## Through the product: `mfres simulate`, ms per step", "",
+              "Start-up (Python, imports, Julia's start and compilation, the first file writes) is excluded by "
+              "step-count differencing: (t(n2) − t(n1)) / (n2 − n1) of two whole `mfres simulate` commands with "
+              "the same snapshot interval; medians over repeats. 'backend alone' is `NumpyBackend.advance` in a "
+              "fresh process (the table above); the loop and file overhead is the difference, against the "
+              "backend's own time.", "",
+              "| size | steps n1, n2 (snapshot every) | `--backend numpy` | NumPy backend alone | loop + file overhead "
+              "| `--backend julia` | JAX jit | JAX / `--backend julia` |", "|---|---|---|---|---|---|---|---|"]
+    alone = {"default": get(res, "numpy_default")} | {r["size"]: get(r, "numpy") for r in rows
+                                                      if r["dtype"] == "float64"}
+    jax_ms = {r["size"]: get(r, "jax") for r in rows if r["dtype"] == "float64"}
+    overheads = {}
+    for key in ["default", *sizes]:
+        pn, pj = prod.get(("numpy", key)), prod.get(("julia", key))
+        base = alone.get(key)
+        ov = None if pn is None or base is None else (pn["sec_per_step"] - base) / base
+        overheads[key] = ov
+        steps = pn or pj
+        lines.append(f"| {key} | {steps['steps'][0]}, {steps['steps'][1]} ({steps['every']}) | " if steps else
+                     f"| {key} | – | ")
+        lines[-1] += (f"{fmt_ms(pn and pn['sec_per_step'])} | {fmt_ms(base)} | "
+                      + ("–" if ov is None else f"{100 * ov:+.1f} %") + f" | {fmt_ms(pj and pj['sec_per_step'])} | "
+                      f"{fmt_ms(jax_ms.get(key))} | {ratio(jax_ms.get(key), pj and pj['sec_per_step'])} |")
+    for what, why in res["skipped"].items():
+        lines.append(f"\n`{what}` was not measured: {why}")
+
+    # goal 2
+    big = sizes[-1]
+    L, M, d, N = SIZES[big]
+    rb = by.get((big, "float64"), {})
+    jl2 = get(rb, "julia2")
+    act = res.get("julia_act")
+    limit = None
+    lines += ["", f"## The Julia step against the machine limit ({big} size, float64)", ""]
+    if jl2 and act:
+        t_flops = flops_per_step(L, M, d, N) / (peaks["float64"] * 1e9)
+        t_act = N * M * L * act
+        limit = t_flops + t_act
+        lines += [f"Limit = 12·N·M·d·L flops at the measured dgemm rate ({fmt_ms(t_flops)} ms) + N·M·L "
+                  f"activations at the Julia kernels' own rate of {act * 1e9:.2f} ns per element on {THREADS} "
+                  f"threads ({fmt_ms(t_act)} ms) = {fmt_ms(limit)} ms. The Julia kernels' step: {fmt_ms(jl2)} ms, "
+                  f"{jl2 / limit:.2f}× the limit."]
+    else:
+        lines.append("Not measured (no Julia).")
+
+    # goal 5
+    bn = res["batched_numpy"]
+    lines += ["", "## Many small runs (small size, float64)", "",
+              "A batch of nets in one backend call (NumPy backend alone):", "",
+              "| runs per call | ms per call-step | ms per net-step | throughput vs separate runs |",
+              "|---|---|---|---|"]
+    single = get(bn, "single")
+    best_batch = None
+    if single:
+        lines.append(f"| 1 (separate runs) | {fmt_ms(single)} | {fmt_ms(single)} | 1.00× |")
+        for B in (16, 64):
+            if get(bn, B):
+                per = get(bn, B) / B
+                best_batch = max(best_batch or 0, single / per)
+                lines.append(f"| {B} | {fmt_ms(get(bn, B))} | {fmt_ms(per)} | {single / per:.2f}× |")
+    lines += ["", "Through the product: `mfres sweep` over 16 seeds, one worker, batched (the default) against "
+              "`--keep-runs` (one run and one run file per seed), ms per net-step by step-count differencing "
+              "(100 and 500 steps):", "", "| sweep | batched | separate | throughput ratio |", "|---|---|---|---|"]
+    for name, sw in res["sweeps"].items():
+        label = "numpy (the sweep's backend)" if name == "default" else name
+        lines.append(f"| `--backend {label}` | {fmt_ms(sw['batched'])} | {fmt_ms(sw['separate'])} | "
+                     f"{sw['separate'] / sw['batched']:.2f}× |")
+
+    # memory
+    lines += ["", "## Memory (MiB): peak resident memory above the baseline, against the arrays kept", "",
+              "The NumPy baseline is taken once the inputs exist; Julia's once its code is compiled (on a tiny "
+              "problem). 'kept' is θ plus the workspace: for 'store' the L·N·M activations σ(q), σ'(q); for "
+              "'recompute' the L·N·d states and adjoints and one layer.", "",
+              "| size | NumPy peak | NumPy kept | ratio | recompute peak | recompute kept | ratio | "
+              "recompute / store time | Julia 2 threads | Julia kept | JAX peak | PyTorch peak |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["dtype"] != "float64" or not r.get("numpy") or not r.get("numpy_re"):
+            continue
+        n, re_ = r["numpy"], r["numpy_re"]
+        lines.append(
+            f"| {r['size']} | {fmt_mb(n['peak_bytes'])} | {fmt_mb(n['kept_bytes'])} | "
             f"{n['peak_bytes'] / n['kept_bytes']:.2f} | {fmt_mb(re_['peak_bytes'])} | {fmt_mb(re_['kept_bytes'])} | "
             f"{re_['peak_bytes'] / re_['kept_bytes']:.2f} | {ratio(re_['sec_per_step'], n['sec_per_step'])} | "
-            f"{fmt_mb(jl.get('peak_bytes'))} | {fmt_mb(jl.get('kept_bytes'))} | "
-            + (f"{jl['peak_bytes'] / jl['kept_bytes']:.2f}" if jl else "–")
-            + f" | {fmt_mb(get(r, 'torch', 'peak_bytes'))} |")
-    lines += ["", f"## float32 against float64 ({big} size, 100 GD steps)", "",
-              "| backend | s/step float64 (ms) | s/step float32 (ms) | speed-up | E(100) float64 | E(100) float32 | "
-              "relative difference |", "|---|---|---|---|---|---|---|"]
-    for name, (a64, a32) in f32.items():
-        rel = abs(a32["loss_last"] - a64["loss_last"]) / abs(a64["loss_last"])
-        lines.append(f"| {name} | {fmt_ms(a64['sec_per_step'])} | {fmt_ms(a32['sec_per_step'])} | "
-                     f"{ratio(a64['sec_per_step'], a32['sec_per_step'])} | {a64['loss_last']:.10g} | "
-                     f"{a32['loss_last']:.10g} | {rel:.2e} |")
-    lines += ["", "## Many small runs: a batch of nets in one call (NumPy, small size, float64)", "",
-              "| runs per call | ms per call-step | ms per net-step | throughput vs separate runs |",
-              "|---|---|---|---|",
-              f"| 1 (separate runs) | {fmt_ms(single['sec_per_step'])} | {fmt_ms(single['sec_per_step'])} | 1.00× |"]
-    for B, res in batched.items():
-        per = res["sec_per_step"] / B
-        lines.append(f"| {B} | {fmt_ms(res['sec_per_step'])} | {fmt_ms(per)} | "
-                     f"{single['sec_per_step'] / per:.2f}× |")
-    lines += ["", "## Targets", "", *targets(rows, f32, single, batched)]
-    lines += ["", "## Where the time goes", "", PROFILE_TEXT, ""]
-    for size in [r["size"] for r in rows if r["dtype"] == "float64" and r["size"] != "small"]:
+            f"{fmt_mb(get(r, 'julia2', 'peak_bytes'))} | {fmt_mb(get(r, 'julia2', 'kept_bytes'))} | "
+            f"{fmt_mb(get(r, 'jax', 'peak_bytes'))} | {fmt_mb(get(r, 'torch', 'peak_bytes'))} |")
+
+    lines += ["", "## Targets (issue 13), from this run", ""]
+    lines += targets(by, prod, overheads, jl2, limit, res["sweeps"], best_batch, sizes)
+    lines += ["", "## Where the NumPy step's time goes", "", PROFILE_TEXT, ""]
+    for size in [s for s in sizes if s != "small"]:
         prof = subprocess.run([sys.executable, str(HERE / "profile_numpy.py"), size, "float64"], capture_output=True,
-                              text=True)
-        lines += ["```", prof.stdout.strip(), "```", ""]
-    lines += [CLOSING_TEXT]
+                              text=True, env=product_env(None))
+        lines += ["```", (prof.stdout or prof.stderr[-1500:]).strip(), "```", ""]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
 PROFILE_TEXT = """\
-A NumPy step is six matrix products and the activations per layer. The profile below
-(`python benchmarks/profile_numpy.py SIZE`) times each operation of one layer alone,
-times L. Every product has one dimension of only d + 1 (the state, with the bias
-folded in) and reads or writes a full N×M array: BLAS runs these skinny shapes far
-below its dense peak, and far below the rate at which NumPy merely copies such an
-array (compare the GB/s column with the copy rate). The activation is an element-wise
-pass over the N·M pre-activations. No single operation dominates, so no single change
-to the NumPy code closes the gap; PyTorch autograd runs the same products through its
-own BLAS and is limited the same way, which caps the ratio between the two."""
-
-CLOSING_TEXT = """\
-What would close the remaining gaps: the Julia kernels show the way, running each block
-of samples through its products and activations while the block is in cache (one
-pass over memory per layer instead of about eight); for NumPy that needs a compiled,
-fused kernel (or Numba), which the pure-NumPy reference deliberately does without.
-For the Julia kernels the next steps are fusing the parameter-gradient products
-into the sample blocks (partial sums over fixed sample chunks, reduced in a fixed
-order, so results stay independent of the thread count) and a hand-written kernel
-for the skinny d-wide products, which BLAS handles poorly on Julia 1.5's OpenBLAS."""
+`python benchmarks/profile_numpy.py SIZE` times each operation of one layer alone, on one
+thread, times L, as the backend runs it: per sample block (`activations.CHUNK` elements
+of N·M), the products with the d + 1 wide state and the activation in the block's
+cache, then the two parameter-gradient products over all N samples per layer. Every
+product has one dimension of only d + 1: BLAS runs these skinny shapes far below its
+dense peak. The activation is mfres's own float64 tanh (a table and a [3/2] Padé
+approximant, 17 NumPy passes on a block in cache) where NumPy's `np.tanh` is not
+vectorised; the line `np.tanh` shows what NumPy's own would cost."""
 
 
-def targets(rows: list[dict], f32: dict, single: dict, batched: dict) -> list[str]:
+def targets(by: dict, prod: dict, overheads: dict, jl2: float | None, limit: float | None, sweeps: dict,
+            best_batch: float | None, sizes: list[str]) -> list[str]:
     out = []
 
     def check(ok: bool | None, text: str) -> None:
         mark = "not measured" if ok is None else ("met" if ok else "NOT met")
         out.append(f"- {text}: **{mark}**")
 
-    by = {(r["size"], r["dtype"]): r for r in rows}
-    for size in ("medium", "large"):
-        r = by.get((size, "float64"))
-        if r is None:
+    for size, need in (("small", 3.0), ("medium", 2.0), ("large", 2.0)):
+        if size not in sizes:
             continue
-        t, n, j = get(r, "torch"), get(r, "numpy"), get(r, "julia2")
-        check(None if t is None else t / n >= 2, f"NumPy ≥ 2× PyTorch at {size}, float64 ({ratio(t, n)})")
-        check(None if t is None or j is None else t / j >= 3, f"Julia ≥ 3× PyTorch at {size}, float64 ({ratio(t, j)})")
-    r = by.get(("large", "float64"))
-    if r and "julia1" in r:
-        check(r["julia1"]["sec_per_step"] / r["julia2"]["sec_per_step"] >= 1.6,
-              f"Julia 2 threads ≥ 1.6× 1 thread at large ({ratio(get(r, 'julia1'), get(r, 'julia2'))})")
-    sized = [r for r in rows if r["size"] != "small"]  # at small size the interpreter's own MiB dominate
-    worst_peak = max(r[k]["peak_bytes"] / r[k]["kept_bytes"] for r in sized for k in ("numpy", "numpy_re"))
-    check(worst_peak <= 1.5, f"NumPy peak memory ≤ 1.5× the kept arrays, store and recompute, medium and large "
-          f"(worst {worst_peak:.2f}×)")
-    worst_re = max(r["numpy_re"]["sec_per_step"] / r["numpy"]["sec_per_step"] for r in rows if r["size"] != "small")
-    check(worst_re <= 1.6, f"recompute mode ≤ 1.6× slower than storing (worst {worst_re:.2f}×, medium and large)")
-    for name, (a64, a32) in f32.items():
-        speed = a64["sec_per_step"] / a32["sec_per_step"]
-        rel = abs(a32["loss_last"] - a64["loss_last"]) / abs(a64["loss_last"])
-        check(speed >= 1.5 and rel <= 1e-5, f"{name}: float32 ≥ 1.5× float64 ({speed:.2f}×) with E within 1e-5 "
-              f"after 100 steps ({rel:.1e})")
-    best = max(single["sec_per_step"] / (res["sec_per_step"] / B) for B, res in batched.items())
-    check(best >= 3, f"batched small runs ≥ 3× the throughput of separate runs ({best:.2f}×)")
+        jx = get(by.get((size, "float64"), {}), "jax")
+        pj = prod.get(("julia", size))
+        pj = pj and pj["sec_per_step"]
+        check(None if jx is None or pj is None else jx / pj >= need,
+              f"1. `mfres simulate --backend julia` ≥ {need:g}× JAX jit at {size} ({ratio(jx, pj)})")
+    check(None if limit is None or jl2 is None else jl2 / limit <= 2,
+          "2. Julia step within 2× of the machine limit at large"
+          + (f" ({jl2 / limit:.2f}× the limit)" if limit and jl2 else ""))
+    for size in ("medium", "large"):
+        if size not in sizes:
+            continue
+        r = by.get((size, "float64"), {})
+        jx, n = get(r, "jax"), get(r, "numpy")
+        check(None if jx is None or n is None else jx / n >= 1,
+              f"3. NumPy backend at least as fast as JAX jit at {size} (JAX / NumPy {ratio(jx, n)})")
+        pn = prod.get(("numpy", size))
+        pn = pn and pn["sec_per_step"]
+        check(None if jx is None or pn is None else jx / pn >= 1,
+              f"3. `mfres simulate --backend numpy` at least as fast as JAX jit at {size} ({ratio(jx, pn)})")
+    known = {k: v for k, v in overheads.items() if v is not None and k != "small"}
+    worst = max(known.values()) if known else None
+    check(None if worst is None else worst < 0.05,
+          "4. loop and file overhead of `mfres simulate` < 5 % of the NumPy backend's time, default size and above"
+          + ("" if worst is None else " (" + ", ".join(f"{k} {100 * v:+.1f} %" for k, v in known.items()) + ")"))
+    jsw = sweeps.get("julia")
+    check(None if jsw is None else jsw["separate"] / jsw["batched"] >= 3,
+          "5. batched seeds on Julia ≥ 3× the throughput of separate runs"
+          + ("" if jsw is None else f" ({jsw['separate'] / jsw['batched']:.2f}×)"))
+    dsw = sweeps.get("default")
+    check(None if dsw is None else dsw["separate"] / dsw["batched"] >= 3,
+          "5. (NumPy) batched seeds through `mfres sweep` ≥ 3× separate runs"
+          + ("" if dsw is None else f" ({dsw['separate'] / dsw['batched']:.2f}×)"))
+    check(None if best_batch is None else best_batch >= 3,
+          "5. (NumPy) a batch of nets in one backend call ≥ 3× separate calls"
+          + ("" if best_batch is None else f" ({best_batch:.2f}×)"))
     return out
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 if __name__ == "__main__":

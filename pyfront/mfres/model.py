@@ -12,12 +12,16 @@ A gradient-descent step of pseudo-time Δs is ``θ ← θ − Δs L M ∇E`` (``
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .activations import Activation, value_and_derivative
+from .activations import CHUNK, Activation, Scratch, value_and_derivative
 
 
 @dataclass
@@ -60,12 +64,41 @@ def learning_rate(L: int, M: int, ds: float) -> float:
     return L * M * ds
 
 
-def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: bool = False, B: int = 1) -> int:
+def sample_block(N: int, M: int) -> int:
+    """Samples per block of the threaded passes: one block's N·M activations fill ``activations.CHUNK``.
+
+    A function of the problem only (never of the thread count), so that results are too."""
+    return max(1, min(N, CHUNK // max(M, 1)))
+
+
+def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: bool = False, B: int = 1,
+                    threads: int = 1) -> int:
     """Bytes of a ``Workspace`` plus θ, its gradient and a copy of θ (what a run holds)."""
     layers = 1 if recompute else L
-    work = 2 * layers * N * M + (L + 1) * N * (d + 1) + 2 * N * M + 2 * N * (d + 1) + N
+    nb = sample_block(N, M)
+    per_thread = 2 * nb * M + nb * (d + 1) + M * (d + 1) + 6 * CHUNK + CHUNK // 2
+    work = 2 * layers * N * M + 2 * (L + 1) * N * (d + 1) + N + threads * per_thread
     particles = 6 * L * M * (2 * d + 1)  # θ, ∇E, [W b], [U 0], the chunk-start copy, the snapshot cast
     return int(np.dtype(dtype).itemsize * B * (work + particles))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mfres-numpy")
+        return _POOLS[threads]
+
+
+def default_threads() -> int:
+    """All the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -74,11 +107,20 @@ class Workspace:
 
     ``Z`` holds the states z_0..z_L (L+1, B, N, d+1), each with a last entry 1 so that
     one product [z 1]·[W b]ᵀ gives the pre-activations and one product Tᵀ[z 1] gives
-    both ∂E/∂W and ∂E/∂b (``Wb`` and ``U0`` hold [W b] and [U 0]); ``S`` and ``D`` hold
-    σ(q) and σ'(q) (L, B, N, M), or only one layer's (1, B, N, M) in ``recompute`` mode,
-    where the adjoint recomputes each layer's activations from z_l (memory O(L N d)
-    instead of O(L N M), one more product and activation per layer); the rest are one
-    layer's scratch. B is the batch size (1 for a single net).
+    both ∂E/∂W and ∂E/∂b (``Wb`` and ``U0`` hold [W b] and [U 0]); ``P`` the adjoints
+    p_0..p_L in the same layout; ``S`` and ``D`` hold σ(q) and σ'(q) (L, B, N, M) — the
+    adjoint overwrites σ' with T = σ'(q) (U·p_{l+1}) — or only one layer's (1, B, N, M)
+    in ``recompute`` mode, where the adjoint recomputes each layer's activations from
+    z_l (memory O(L N d) instead of O(L N M), one more product and activation per layer).
+    B is the batch size (1 for a single net).
+
+    The samples are cut into fixed blocks of ``sample_block(N, M)``; ``threads`` threads
+    take contiguous runs of blocks (forward and adjoint: each sample's z and p are its
+    own) and then of layers (the parameter gradients: one product over all N samples per
+    layer). NumPy releases the GIL in both its products and its element-wise loops. No
+    result depends on the thread count: a block's numbers do not depend on who computes
+    them, and every sum over samples is one product in a fixed order. ``scratch`` holds
+    each thread's private buffers.
     """
 
     L: int
@@ -88,33 +130,33 @@ class Workspace:
     dtype: np.dtype
     B: int = 1
     recompute: bool = False
+    threads: int = 1
     Z: np.ndarray = field(init=False)
+    P: np.ndarray = field(init=False)
     S: np.ndarray = field(init=False)
     D: np.ndarray = field(init=False)
-    P: np.ndarray = field(init=False)
-    Pn: np.ndarray = field(init=False)
-    Q: np.ndarray = field(init=False)
-    T: np.ndarray = field(init=False)
     r: np.ndarray = field(init=False)
     Wb: np.ndarray = field(init=False)
     U0: np.ndarray = field(init=False)
-    G: np.ndarray = field(init=False)
+    blocks: list[slice] = field(init=False)
+    scratch: list[_ThreadScratch] = field(init=False)
 
     def __post_init__(self) -> None:
-        L, M, d, N, B, dt = self.L, self.M, self.d, self.N, self.B, self.dtype
+        L, M, d, N, B, dt = self.L, self.M, self.d, self.N, self.B, np.dtype(self.dtype)
+        self.dtype = dt
         layers = 1 if self.recompute else L
         self.Z = np.empty((L + 1, B, N, d + 1), dt)
         self.Z[..., d] = 1
+        self.P = np.empty((L + 1, B, N, d + 1), dt)
         self.S = np.empty((layers, B, N, M), dt)
         self.D = np.empty((layers, B, N, M), dt)
-        self.P = np.empty((B, N, d + 1), dt)
-        self.Pn = np.empty((B, N, d + 1), dt)
-        self.Q = np.empty((B, N, M), dt)
-        self.T = np.empty((B, N, M), dt)
         self.r = np.empty((B, N), dt)
         self.Wb = np.empty((B, L, M, d + 1), dt)
         self.U0 = np.zeros((B, L, M, d + 1), dt)
-        self.G = np.empty((B, M, d + 1), dt)
+        nb = sample_block(N, M)
+        self.blocks = [slice(i, min(i + nb, N)) for i in range(0, N, nb)]
+        self.threads = max(1, int(self.threads))
+        self.scratch = [_ThreadScratch(B, nb, M, d, dt) for _ in range(self.threads)]
 
     def load(self, theta: Particles) -> None:
         """Copy θ (with a batch axis) into [W b] and [U 0]."""
@@ -124,20 +166,99 @@ class Workspace:
         self.U0[..., :d] = theta.U
 
     @classmethod
-    def for_problem(cls, theta: Particles, x: np.ndarray, recompute: bool = False) -> Workspace:
+    def for_problem(cls, theta: Particles, x: np.ndarray, recompute: bool = False, threads: int = 1) -> Workspace:
         L, M, d = theta.shape
         B = theta.batch[0] if theta.batch else 1
-        return cls(L, M, d, x.shape[0], theta.U.dtype, B, recompute)
+        return cls(L, M, d, x.shape[0], theta.U.dtype, B, recompute, threads)
 
     def fits(self, theta: Particles, x: np.ndarray) -> bool:
         B = theta.batch[0] if theta.batch else 1
         return (self.L, self.M, self.d, self.N, self.dtype, self.B) == (*theta.shape, x.shape[0], theta.U.dtype, B)
 
+    @property
+    def parallel(self) -> bool:
+        """Large enough to split over threads (a property of the problem, not of ``threads``)."""
+        return self.L * self.B * self.N * self.M >= PARALLEL_MIN
 
-def _layer(work: Workspace, act: Activation, l: int, k: int) -> None:
-    """σ and σ' of layer l's pre-activations [z_l 1]·[W b]ᵀ into S[k], D[k]."""
-    np.matmul(work.Z[l], work.Wb[:, l].transpose(0, 2, 1), out=work.Q)
-    value_and_derivative(act, work.Q, work.S[k], work.D[k])
+    def run(self, task: Callable[[list, _ThreadScratch], None], items: list) -> None:
+        """``task(part, scratch)`` on contiguous parts of ``items``, one part per thread."""
+        n = min(self.threads, len(items))
+        if n <= 1 or not self.parallel:
+            task(items, self.scratch[0])
+            return
+        parts = [items[len(items) * i // n: len(items) * (i + 1) // n] for i in range(n)]
+        err = np.geterr()  # NumPy's error state is per thread
+
+        def call(i: int) -> None:
+            with np.errstate(**err):
+                task(parts[i], self.scratch[i])
+
+        for f in [_pool(n).submit(call, i) for i in range(n)]:
+            f.result()
+
+
+PARALLEL_MIN = 1 << 18
+"""Fewer activations per step than this (L·B·N·M) run in the calling thread: a hand-over costs ~50 µs,
+more on a busy machine (measured: at the default size, 65536, two threads were slower than one)."""
+
+
+class _ThreadScratch:
+    """One thread's buffers: one sample block's pre-activations and adjoint products."""
+
+    def __init__(self, B: int, nb: int, M: int, d: int, dtype: np.dtype) -> None:
+        self.Q = np.empty((B, nb, M), dtype)
+        self.Pn = np.empty((B, nb, d + 1), dtype)
+        self.G = np.empty((B, M, d + 1), dtype)
+        self.act = Scratch(dtype)
+
+
+def _forward_blocks(work: Workspace, act: Activation, blocks: list[slice], ts: _ThreadScratch) -> None:
+    """z_1..z_L of the samples in ``blocks`` (and their σ, σ' in store mode)."""
+    Z, S, D, c = work.Z, work.S, work.D, work.dtype.type(1.0 / (work.L * work.M))
+    Wbt = work.Wb.transpose(0, 1, 3, 2)
+    for blk in blocks:
+        q = ts.Q[:, : blk.stop - blk.start]
+        for l in range(work.L):
+            k = 0 if work.recompute else l
+            np.matmul(Z[l, :, blk], Wbt[:, l], out=q)
+            value_and_derivative(act, q, S[k, :, blk], D[k, :, blk], ts.act)
+            zn = Z[l + 1, :, blk]
+            np.matmul(S[k, :, blk], work.U0[:, l], out=zn)  # last entry: Σ σ·0 = 0
+            zn *= c
+            zn += Z[l, :, blk]  # ... + 1
+
+
+def _adjoint_blocks(work: Workspace, act: Activation, layers: range, blocks: list[slice],
+                    ts: _ThreadScratch) -> None:
+    """p_l for l in ``layers`` (descending) of the samples in ``blocks``; D becomes T."""
+    Z, P, S, D, c = work.Z, work.P, work.S, work.D, work.dtype.type(1.0 / (work.L * work.M))
+    U0t = work.U0.transpose(0, 1, 3, 2)
+    Wbt = work.Wb.transpose(0, 1, 3, 2)
+    for blk in blocks:
+        nb = blk.stop - blk.start
+        q, pn = ts.Q[:, :nb], ts.Pn[:, :nb]
+        for l in layers:
+            k = 0 if work.recompute else l
+            if work.recompute:
+                np.matmul(Z[l, :, blk], Wbt[:, l], out=q)
+                value_and_derivative(act, q, S[0, :, blk], D[0, :, blk], ts.act)
+            T = D[k, :, blk]
+            np.matmul(P[l + 1, :, blk], U0t[:, l], out=q)  # U·p_{l+1}
+            np.multiply(q, T, out=T)  # T = σ'(q) (U·p_{l+1})
+            np.matmul(T, work.Wb[:, l], out=pn)
+            pn *= c
+            np.add(P[l + 1, :, blk], pn, out=P[l, :, blk])
+
+
+def _gradient_layers(work: Workspace, gb: Particles, layers: list[int], ts: _ThreadScratch) -> None:
+    """∂E/∂U, ∂E/∂[W b] of ``layers`` up to the factor h/(M N): one product over all samples each."""
+    d = work.d
+    for l in layers:
+        k = 0 if work.recompute else l
+        np.matmul(work.S[k].transpose(0, 2, 1), work.P[l + 1, ..., :d], out=gb.U[:, l])
+        np.matmul(work.D[k].transpose(0, 2, 1), work.Z[l], out=ts.G)  # [∂W ∂b]
+        gb.W[:, l] = ts.G[..., :d]
+        gb.b[:, l] = ts.G[..., d]
 
 
 def forward(theta: Particles, x: np.ndarray, act: Activation, work: Workspace) -> np.ndarray:
@@ -145,18 +266,11 @@ def forward(theta: Particles, x: np.ndarray, act: Activation, work: Workspace) -
 
     ``theta`` must carry a batch axis (``Particles.batched``).
     """
-    L, M, d = theta.shape
-    c = 1.0 / (L * M)  # h/M
-    Z = work.Z
+    L, _M, d = theta.shape
     work.load(theta)
-    Z[0, ..., :d] = x
-    for l in range(L):
-        k = 0 if work.recompute else l
-        _layer(work, act, l, k)
-        np.matmul(work.S[k], work.U0[:, l], out=Z[l + 1])  # last entry: Σ σ·0 = 0
-        Z[l + 1] *= c
-        Z[l + 1] += Z[l]  # ... + 1
-    return Z[L, ..., :d]
+    work.Z[0, ..., :d] = x
+    work.run(lambda blocks, ts: _forward_blocks(work, act, blocks, ts), work.blocks)
+    return work.Z[L, ..., :d]
 
 
 def predict(theta: Particles, x: np.ndarray, a: np.ndarray, act: Activation) -> np.ndarray:
@@ -188,11 +302,11 @@ def loss(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray, act: Act
 
 def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray, act: Activation,
                   weight_decay: float = 0.0, work: Workspace | None = None,
-                  grad: Particles | None = None, recompute: bool = False) -> tuple[Any, Particles]:
+                  grad: Particles | None = None, recompute: bool = False, threads: int = 1) -> tuple[Any, Particles]:
     """E(θ) and ∇_θ E by the discrete adjoint of docs/model.md.
 
     ``work`` and ``grad`` are optional preallocated buffers (reused when given);
-    ``recompute`` chooses the low-memory workspace when none is given. E is a Python
+    ``recompute`` and ``threads`` choose the workspace when none is given. E is a Python
     float for one net, a float64 array (B,) for a batch; the gradient has θ's dtype
     and shape.
     """
@@ -201,7 +315,7 @@ def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray,
     dt = theta.U.dtype
     tb = theta.batched()
     if work is None or not work.fits(tb, x):
-        work = Workspace.for_problem(tb, x, recompute)
+        work = Workspace.for_problem(tb, x, recompute, threads)
     if grad is None:
         grad = Particles(np.empty_like(theta.U), np.empty_like(theta.W), np.empty_like(theta.b))
     gb = grad.batched()
@@ -214,23 +328,15 @@ def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray,
 
     c = 1.0 / (L * M)  # h/M
     cg = dt.type(c / N)
-    P, Pn, T, G = work.P, work.Pn, work.T, work.G
-    np.multiply(r[..., None], a, out=P[..., :_d])  # p_L
-    P[..., _d] = 0  # P's last entry only ever meets U0's zero column; keep it finite
-    for l in range(L - 1, -1, -1):
-        if work.recompute:
-            _layer(work, act, l, 0)
-        k = 0 if work.recompute else l
-        # P holds p_{l+1}; T = σ'(q) (U·p_{l+1})
-        np.matmul(P, work.U0[:, l].transpose(0, 2, 1), out=T)
-        T *= work.D[k]
-        np.matmul(work.S[k].transpose(0, 2, 1), P[..., :_d], out=gb.U[:, l])
-        np.matmul(T.transpose(0, 2, 1), work.Z[l], out=G)  # [∂W ∂b]
-        gb.W[:, l] = G[..., :_d]
-        gb.b[:, l] = G[..., _d]
-        np.matmul(T, work.Wb[:, l], out=Pn)
-        Pn *= c
-        P += Pn
+    P = work.P
+    np.multiply(r[..., None], a, out=P[L, ..., :_d])  # p_L
+    P[L, ..., _d] = 0  # P's last entry only ever meets U0's zero column; keep it finite
+    # store mode: the adjoint of every layer, then every layer's gradient; recompute mode:
+    # layer by layer, since only one layer's σ and T exist at a time
+    groups = [range(L - 1, -1, -1)] if not work.recompute else [range(l, l - 1, -1) for l in range(L - 1, -1, -1)]
+    for layers in groups:
+        work.run(lambda blocks, ts, layers=layers: _adjoint_blocks(work, act, layers, blocks, ts), work.blocks)
+        work.run(lambda ls, ts: _gradient_layers(work, gb, ls, ts), list(layers))
     for g in (grad.U, grad.W, grad.b):
         g *= cg
     if weight_decay:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -26,6 +28,33 @@ def choose_recompute(memory: str, L: int, M: int, N: int, dtype: np.dtype, B: in
     return memory == "recompute"
 
 
+_BLAS: list = []
+
+
+@contextlib.contextmanager
+def one_blas_thread(work: model.Workspace | None = None) -> Iterator[None]:
+    """BLAS on one thread inside: the backend's own threads split the work (an OpenBLAS that
+    spins its own threads against ours, or against other processes on a busy machine, can
+    be ten times slower), and a product's numbers never depend on how BLAS cut it.
+
+    Not for problems below ``model.PARALLEL_MIN`` (a choice by size, never by thread
+    count): BLAS does not split their small products, and finding the BLAS library
+    (threadpoolctl) costs a run ~0.1–0.5 s once."""
+    if work is not None and not work.parallel:
+        yield
+        return
+    try:
+        if not _BLAS:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS.append(ThreadpoolController())
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        yield
+        return
+    with _BLAS[0].limit(limits=1, user_api="blas"):
+        yield
+
+
 class NumpyBackend:
     """Runs docs/model.md's kernels with NumPy (BLAS for the per-layer products).
 
@@ -33,14 +62,18 @@ class NumpyBackend:
     keeps only the states z_l and recomputes one layer's activations in the adjoint;
     ``auto`` stores them when they fit in a quarter of RAM.
 
+    ``threads`` (default: all cores) split each step over sample blocks and layers
+    (``model.Workspace``); results do not depend on it, bit for bit.
+
     ``advance`` also takes a batch of nets (particles with a leading axis B): all
     advance together, with E and velocities of shape (n + 1, B), and never stop early.
     """
 
     name = "numpy"
 
-    def __init__(self, memory: str = "auto") -> None:
+    def __init__(self, memory: str = "auto", threads: int | None = None) -> None:
         self.memory = memory
+        self.threads = threads or model.default_threads()
         self._work: model.Workspace | None = None
         self._grad: Particles | None = None
 
@@ -50,21 +83,23 @@ class NumpyBackend:
             L, M, _ = theta.shape
             B = tb.batch[0]
             recompute = choose_recompute(self.memory, L, M, problem.x.shape[0], theta.U.dtype, B)
-            self._work = model.Workspace.for_problem(tb, problem.x, recompute)
+            self._work = model.Workspace.for_problem(tb, problem.x, recompute, self.threads)
             self._grad = Particles(np.empty_like(theta.U), np.empty_like(theta.W), np.empty_like(theta.b))
         assert self._grad is not None
         return self._work, self._grad
 
     def loss_and_grad(self, theta: Particles, problem: Problem) -> tuple[float, Particles]:
-        E, g = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
-                                   problem.weight_decay)
+        work, _ = self._buffers(theta, problem)
+        with one_blas_thread(work):
+            E, g = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
+                                       problem.weight_decay, work)
         return E, g
 
     def advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
         work, grad = self._buffers(theta, problem)
         losses = np.empty((n + 1, *theta.batch))
         norms = np.empty((n + 1, *theta.batch))
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"), one_blas_thread(work):
             for k in range(n + 1):
                 E, _ = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
                                            problem.weight_decay, work, grad)

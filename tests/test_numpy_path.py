@@ -1,0 +1,176 @@
+"""The NumPy path's own tanh and its threaded step: accuracy, special values, reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mfres import activations, model
+from mfres.backends import Problem
+from mfres.backends.numpy_backend import NumpyBackend
+from mfres.data import builtin
+from mfres.init import initial_particles
+
+mpmath = pytest.importorskip("mpmath")
+
+
+def ulps(mine: np.ndarray, exact: list, dtype: type) -> np.ndarray:
+    """|mine − exact| in units of the last place of the exact value rounded to ``dtype``."""
+    out = []
+    for m, e in zip(mine, exact, strict=True):
+        spacing = np.spacing(np.abs(dtype(float(e))))
+        out.append(float(abs(mpmath.mpf(float(m)) - e) / mpmath.mpf(float(spacing))))
+    return np.array(out)
+
+
+def hard_points(dtype: type, n: int = 4000) -> np.ndarray:
+    """Where cancellation and rounding are worst: near the table's knots, tiny values, the tails."""
+    rng = np.random.default_rng(3)
+    knots = rng.integers(-2560, 2561, n // 4) / 128
+    x = np.concatenate([
+        knots + rng.uniform(-1 / 256, 1 / 256, n // 4),  # |u| up to h/2
+        rng.uniform(1 / 256, 3 / 256, n // 8) * rng.choice([-1, 1], n // 8),  # k = 1: most cancellation
+        rng.standard_normal(n // 8) * 3,
+        np.exp(rng.uniform(-700 if dtype is np.float64 else -85, 0, n // 8)),
+        rng.uniform(-21, 21, n // 8),
+    ])
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tanh_within_3_ulp_of_exact(dtype: type) -> None:
+    x = hard_points(dtype)
+    mpmath.mp.prec = 113
+    exact = [mpmath.tanh(mpmath.mpf(float(v))) for v in x]
+    err = ulps(activations.tanh(x), exact, dtype)
+    assert err.max() <= 3.0, (err.max(), x[err.argmax()])
+    assert err.mean() < 0.5
+
+
+def test_tanh_close_to_numpy_on_millions_of_points() -> None:
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal(1 << 20) * 4, rng.uniform(-30, 30, 1 << 19),
+                        np.exp(rng.uniform(-745, 3.5, 1 << 19)) * rng.choice([-1, 1], 1 << 19)])
+    ref = np.tanh(x)
+    err = np.abs(activations.tanh(x) - ref) / np.spacing(np.abs(ref))
+    assert err.max() <= 4.0  # ours ≤ 3 ulp, NumPy's (libm's) ≤ 1
+    mine = activations.tanh(x)
+    np.testing.assert_array_equal(activations.tanh(-x), -mine)  # odd, bit for bit
+    assert np.all(np.abs(mine) <= 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tanh_special_values(dtype: type) -> None:
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, tiny, -tiny, 1e-30, 25.0, -25.0, 1e30, -1e30], dtype)
+    t = activations.tanh(x)
+    assert t.dtype == dtype
+    assert t[0] == 0 and not np.signbit(t[0]) and t[1] == 0 and np.signbit(t[1])
+    assert t[2] == 1 and t[3] == -1 and np.isnan(t[4])
+    assert t[5] == tiny and t[6] == -tiny and t[7] == dtype(1e-30)
+    np.testing.assert_array_equal(t[8:], [1, -1, 1, -1])
+
+
+def test_tanh_of_strided_and_other_dtypes() -> None:
+    x = np.linspace(-5, 5, 3000).reshape(30, 100)[:, ::3]  # not contiguous
+    np.testing.assert_allclose(activations.tanh(x), np.tanh(x), rtol=4e-16, atol=0)
+    h = np.linspace(-3, 3, 50, dtype=np.float16)
+    np.testing.assert_array_equal(activations.tanh(h), np.tanh(h))  # NumPy's own for other dtypes
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "gelu"])
+def test_blocked_activation_equals_one_block(name: str) -> None:
+    """Chunking (and the scratch reuse between chunks) changes no number."""
+    act = activations.parse(name)
+    q = np.random.default_rng(5).standard_normal((3, 7, 1111)) * 3
+    outs = []
+    for n in (activations.CHUNK, 1000, 64):
+        s, ds = np.empty_like(q), np.empty_like(q)
+        activations.value_and_derivative(act, q.copy(), s, ds, activations.Scratch(q.dtype, n))
+        outs.append((s, ds))
+    for s, ds in outs[1:]:
+        np.testing.assert_array_equal(s, outs[0][0])
+        np.testing.assert_array_equal(ds, outs[0][1])
+    if name == "tanh":
+        np.testing.assert_array_equal(outs[0][0], activations.tanh(q))
+        np.testing.assert_array_equal(outs[0][1], 1 - outs[0][0] ** 2)
+
+
+def setup(L: int, M: int, d: int, N: int, act: str = "tanh", B: int = 0, recompute: bool = False):
+    data = builtin("teacher", N, d, data_seed=1)
+    if B:
+        nets = [initial_particles("iid", L, M, d, seed=s) for s in range(B)]
+        theta = model.Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
+    else:
+        theta = initial_particles("smooth", L, M, d, seed=2)
+    return theta, Problem.from_data(data, activations.parse(act), 0.01, np.float64)
+
+
+@pytest.mark.parametrize("memory", ["store", "recompute"])
+@pytest.mark.parametrize("act", ["tanh", "softplus"])
+def test_results_do_not_depend_on_the_thread_count(memory: str, act: str) -> None:
+    """Several sample blocks (N = 300 > CHUNK / M), run on 1, 2 and 3 threads: the same bits."""
+    M, d, N = 90, 3, 300
+    L = -(-model.PARALLEL_MIN // (N * M))  # just large enough to be split over threads
+    assert model.sample_block(N, M) < N and L * N * M >= model.PARALLEL_MIN
+    runs = []
+    for threads in (1, 2, 3, 2):
+        theta, prob = setup(L, M, d, N, act)
+        traj = NumpyBackend(memory, threads=threads).advance(theta, prob, 0.2, 4)
+        runs.append((traj.loss, traj.grad_norm, theta))
+    for loss, norm, theta in runs[1:]:
+        np.testing.assert_array_equal(loss, runs[0][0])
+        np.testing.assert_array_equal(norm, runs[0][1])
+        for v in "UWb":
+            np.testing.assert_array_equal(getattr(theta, v), getattr(runs[0][2], v))
+
+
+def test_threaded_blocked_gradient_equals_the_plain_adjoint() -> None:
+    """The blocked, threaded gradient against a straightforward one-array adjoint (np.tanh)."""
+    L, M, d, N = 16, 70, 2, 250
+    assert L * N * M >= model.PARALLEL_MIN and model.sample_block(N, M) < N
+    theta, prob = setup(L, M, d, N)
+    E, g = NumpyBackend("store", threads=2).loss_and_grad(theta, prob)
+    x, y, a = prob.x, prob.y, prob.a
+    h, c = 1.0 / L, 1.0 / (L * M)
+    zs, ss = [x], []
+    for l in range(L):
+        s = np.tanh(zs[-1] @ theta.W[l].T + theta.b[l])
+        ss.append(s)
+        zs.append(zs[-1] + c * s @ theta.U[l])
+    r = zs[-1] @ a - y
+    p = np.outer(r, a)
+    gU, gW, gb = np.empty_like(theta.U), np.empty_like(theta.W), np.empty_like(theta.b)
+    for l in range(L - 1, -1, -1):
+        T = (1 - ss[l] ** 2) * (p @ theta.U[l].T)
+        gU[l] = h / M * ss[l].T @ p / N
+        gW[l] = h / M * T.T @ zs[l] / N
+        gb[l] = h / M * T.sum(axis=0) / N
+        p = p + c * T @ theta.W[l]
+    wd = prob.weight_decay / (L * M)
+    E_ref = 0.5 * np.mean(r**2) + 0.5 * prob.weight_decay / (L * M) * sum(np.sum(v**2) for v in
+                                                                             (theta.U, theta.W, theta.b))
+    assert E == pytest.approx(E_ref, rel=1e-13)
+    for mine, ref, v in ((g.U, gU, theta.U), (g.W, gW, theta.W), (g.b, gb, theta.b)):
+        np.testing.assert_allclose(mine, ref + wd * v, rtol=1e-11, atol=1e-15)
+
+
+def test_batch_with_several_blocks_equals_separate_runs() -> None:
+    L, M, d, N = 8, 60, 2, 300
+    assert 3 * L * N * M >= model.PARALLEL_MIN and model.sample_block(N, M) < N
+    batch, prob = setup(L, M, d, N, B=3)
+    nets = [model.Particles(batch.U[j].copy(), batch.W[j].copy(), batch.b[j].copy()) for j in range(3)]
+    traj = NumpyBackend(threads=2).advance(batch, prob, 0.3, 3)
+    for j, t in enumerate(nets):
+        single = NumpyBackend(threads=1).advance(t, prob, 0.3, 3)
+        np.testing.assert_allclose(traj.loss[:, j], single.loss, rtol=1e-13)
+        np.testing.assert_allclose(batch.U[j], t.U, rtol=1e-12, atol=1e-15)
+
+
+def test_numpy_error_state_reaches_the_worker_threads() -> None:
+    """A diverging net warns nothing from the worker threads inside ``advance`` (it ignores overflow)."""
+    theta, prob = setup(-(-model.PARALLEL_MIN // (300 * 90)), 90, 3, 300)
+    theta.U *= 1e200
+    with np.errstate(all="raise"):
+        traj = NumpyBackend(threads=2).advance(theta, prob, 1.0, 3)
+    assert not traj.finite
