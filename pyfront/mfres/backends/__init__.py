@@ -115,7 +115,7 @@ def select(name: str = "auto", threads: int | None = None, device: str = "cpu", 
             raise BackendError("--device cuda needs the Julia backend; the NumPy backend runs on the CPU only")
         from .numpy_backend import NumpyBackend
 
-        return NumpyBackend(memory)
+        return NumpyBackend(memory, threads)
     transport = julia_transport()
     if transport == "juliacall":
         from .julia_backend import JuliaBackend
@@ -131,7 +131,7 @@ def select(name: str = "auto", threads: int | None = None, device: str = "cpu", 
         raise _no_julia("--device cuda needs the Julia backend with CUDA.jl")
     from .numpy_backend import NumpyBackend
 
-    return NumpyBackend(memory)
+    return NumpyBackend(memory, threads)
 
 
 def describe(threads: int | None = None) -> str:
