@@ -148,7 +148,8 @@ def _run_options(f: Callable[..., Any], sweep: bool) -> Callable[..., Any]:
                      show_default=True, help="auto = Julia where it is usable without downloads, else NumPy."
                      + (" Chosen in each Dask worker." if sweep else "")),
         click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True),
-        click.option("--threads", type=int, default=None, help="Threads of the backend (NumPy or Julia) [default: all cores]."),
+        click.option("--threads", type=int, default=None,
+                     help="Threads of the backend (NumPy or Julia) [default: all cores]."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                      help="cuda: run the Julia kernels on a GPU (CUDA.jl)."),
         click.option("--memory", type=click.Choice(["auto", "store", "recompute"]), default="auto",
