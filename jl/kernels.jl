@@ -2,7 +2,7 @@
 #
 # Two paths compute the same numbers:
 # - chunked (CPU `Array`s, `ws.threaded`): the samples are cut into fixed chunks
-#   (`chunk_size`, from N and M only). The forward pass takes a chunk through all L
+#   (`chunk_size`, from N, M and d only). The forward pass takes a chunk through all L
 #   layers in one go (samples are independent), the adjoint does one layer at a time
 #   over all chunks: each chunk's products run on single-threaded BLAS while its
 #   activations are in cache, and its parameter-gradient sums go to a per-chunk

@@ -10,7 +10,7 @@ Buffers for one problem size and element type, allocated once and reused by
   layer's `S`, `D` `(M, N, 1)`, recomputing a layer's activations in the adjoint
   (O(L·N·d + M·N) memory, the same numbers).
 - `threaded = true` (CPU `Array`s) selects the chunked kernels: fixed sample chunks
-  (`chunk_size`, a function of N and M only), spread over the Julia threads; the
+  (`chunk_size`, a function of N, M and d only), spread over the Julia threads; the
   results are bitwise the same whatever the thread count, since BLAS is kept at one
   thread and every sum is taken in chunk order. `threaded = false` (the default for
   other array types) selects the generic path: whole-layer `mul!` and broadcasting.
@@ -45,17 +45,19 @@ end
 const MEMORY_MODES = (:store, :recompute)
 
 """
-    chunk_size(N, M) -> C
+    chunk_size(N, M, d) -> C
 
 Samples per chunk of the chunked kernels, from the problem size only (never from the
-thread count, so that the results are the same on any number of threads): about N/8,
-so that up to 8 threads have work, at least 16 samples (below that the matrix
-products are call overhead), and at most what keeps a chunk's `M × C` activations
-in a core's L2 cache (256 KiB of Float64).
+thread count, so that the results are the same on any number of threads). Below the
+parallel threshold (N·M·d < `PARALLEL_WORK`, always run serially) one chunk, the
+fewest matrix-product calls; above it about N/4, so that up to 4 threads have work, at
+least 32 samples (smaller products run at a fraction of BLAS's rate); in both cases at
+most what keeps a chunk's `M × C` activations within 1 MiB of Float64.
 """
-function chunk_size(N::Integer, M::Integer)
-    cmax = clamp(prevpow(2, max(1, 32768 ÷ max(M, 1))), 16, 256)
-    return clamp(cld(N, 8), 16, cmax)
+function chunk_size(N::Integer, M::Integer, d::Integer)
+    cmax = clamp(prevpow(2, max(1, 131072 ÷ max(M, 1))), 32, 512)
+    N * M * d < PARALLEL_WORK && return max(1, min(N, cmax))
+    return clamp(cld(N, 4), 32, cmax)
 end
 
 function Workspace(U::AbstractArray{T,3}, X::AbstractMatrix{T}; threaded::Bool = U isa Array,
@@ -67,7 +69,7 @@ function Workspace(U::AbstractArray{T,3}, X::AbstractMatrix{T}; threaded::Bool =
     threaded && !(U isa Array) && throw(ArgumentError("the chunked kernels need CPU Arrays; use threaded = false"))
     threaded && serial_blas!()
     Ls = memory === :store ? L : 1
-    C = chunk_size(N, M)
+    C = chunk_size(N, M, d)
     chunks = [i:min(i + C - 1, N) for i in 1:C:N]
     nch = threaded ? length(chunks) : 0
     return Workspace(similar(U, d, N, L + 1), similar(U, M, N, Ls), similar(U, 0, 0, 0),
