@@ -49,21 +49,28 @@ end
 
 # S[:, i, ls] = σ(S[:, i, ls] + b[:, l]) (S holds W_lᵀ z on entry) and D = σ′ likewise,
 # for the samples `cols`; D === nothing: the value only.
+# (`ivdep`: S, D and b are distinct arrays, which lets the loop vectorise.)
 function activate!(S::Array{T,3}, D::Array{T,3}, ls, b, l, σ::Activation, cols) where {T}
+    M = size(S, 1)
     @inbounds for i in cols
-        @simd for m in axes(S, 1)
-            s, ds = value_and_derivative(σ, S[m, i, ls] + b[m, l])
-            S[m, i, ls] = s
-            D[m, i, ls] = ds
+        o = M * ((ls - 1) * size(S, 2) + i - 1)
+        ob = M * (l - 1)
+        @simd ivdep for m in 1:M
+            s, ds = value_and_derivative(σ, S[o + m] + b[ob + m])
+            S[o + m] = s
+            D[o + m] = ds
         end
     end
     return nothing
 end
 
 function activate!(S::Array{T,3}, ::Nothing, ls, b, l, σ::Activation, cols) where {T}
+    M = size(S, 1)
     @inbounds for i in cols
-        @simd for m in axes(S, 1)
-            S[m, i, ls] = value_and_derivative(σ, S[m, i, ls] + b[m, l])[1]
+        o = M * ((ls - 1) * size(S, 2) + i - 1)
+        ob = M * (l - 1)
+        @simd ivdep for m in 1:M
+            S[o + m] = value_and_derivative(σ, S[o + m] + b[ob + m])[1]
         end
     end
     return nothing
@@ -248,29 +255,38 @@ function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, cprev) 
 end
 
 # Tm .*= σ′ on the chunk's columns (σ′ = D, or from S = σ) and g[:, k, pb] = its row sums.
+# (Linear indices and `ivdep`: distinct arrays, so that the loops vectorise.)
 function scale_and_sum!(Tm::Matrix{T}, D::Array{T,3}, ls, g, k, pb, ::Nothing, cols) where {T}
-    @inbounds for m in axes(Tm, 1)
-        g[m, k, pb] = zero(T)
+    M = size(Tm, 1)
+    og = M * ((pb - 1) * size(g, 2) + k - 1)
+    @inbounds for m in 1:M
+        g[og + m] = zero(T)
     end
     @inbounds for i in cols
-        @simd for m in axes(Tm, 1)
-            t = Tm[m, i] * D[m, i, ls]
-            Tm[m, i] = t
-            g[m, k, pb] += t
+        o = M * (i - 1)
+        od = M * ((ls - 1) * size(D, 2) + i - 1)
+        @simd ivdep for m in 1:M
+            t = Tm[o + m] * D[od + m]
+            Tm[o + m] = t
+            g[og + m] += t
         end
     end
     return nothing
 end
 
 function scale_and_sum!(Tm::Matrix{T}, S::Array{T,3}, ls, g, k, pb, σ::Activation, cols) where {T}
-    @inbounds for m in axes(Tm, 1)
-        g[m, k, pb] = zero(T)
+    M = size(Tm, 1)
+    og = M * ((pb - 1) * size(g, 2) + k - 1)
+    @inbounds for m in 1:M
+        g[og + m] = zero(T)
     end
     @inbounds for i in cols
-        @simd for m in axes(Tm, 1)
-            t = Tm[m, i] * derivative_of_value(σ, S[m, i, ls])
-            Tm[m, i] = t
-            g[m, k, pb] += t
+        o = M * (i - 1)
+        os = M * ((ls - 1) * size(S, 2) + i - 1)
+        @simd ivdep for m in 1:M
+            t = Tm[o + m] * derivative_of_value(σ, S[os + m])
+            Tm[o + m] = t
+            g[og + m] += t
         end
     end
     return nothing
