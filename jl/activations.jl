@@ -60,14 +60,38 @@ const ROUND_MAGIC = 6.755399441055744e15  # 1.5 * 2^52: x + M − M rounds x to 
     return copysign(e / (e + 2), x)
 end
 
+# The same scheme in Float32, with its own constants: tanh(9) == 1f0, |r| ≤ ln2/2 and
+# expm1(r) to r^8/8! (truncation below 0.1 ulp); 2^k from the low bits of k + magic.
+const LN2_HI_F32 = 0.693145751953125f0   # ln 2 with the low 12 bits of the mantissa zero
+const LN2_LO_F32 = 1.4286068f-6
+const INV_LN2_F32 = 1.442695f0
+const ROUND_MAGIC_F32 = 1.2582912f7       # 1.5 * 2^23
+
+@inline function tanh_kernel(x::Float32)
+    y = 2 * min(abs(x), 9.0f0)
+    k = (y * INV_LN2_F32 + ROUND_MAGIC_F32) - ROUND_MAGIC_F32
+    r = muladd(-k, LN2_LO_F32, muladd(-k, LN2_HI_F32, y))
+    p = Float32(1 / 40320)
+    p = muladd(p, r, Float32(1 / 5040))
+    p = muladd(p, r, Float32(1 / 720))
+    p = muladd(p, r, Float32(1 / 120))
+    p = muladd(p, r, Float32(1 / 24))
+    p = muladd(p, r, Float32(1 / 6))
+    p = muladd(p, r, 0.5f0)
+    em1r = muladd(p * r, r, r)  # expm1(r)
+    twok = reinterpret(Float32, reinterpret(Int32, k + (ROUND_MAGIC_F32 + 127.0f0)) << 23)
+    e = muladd(twok, em1r, twok - 1)
+    return copysign(e / (e + 2), x)
+end
+
 """
     fast_tanh(x)
 
-tanh(x) by a branch-free formula that SIMD-vectorises, within a few ulp of `tanh`.
-Float32 arguments are evaluated in Float64 and rounded.
+tanh(x) by a branch-free formula that SIMD-vectorises, within a few ulp of `tanh`;
+Float64 and Float32 each have their own kernel (Float32 never goes through Float64).
 """
 @inline fast_tanh(x::Float64) = tanh_kernel(x)
-@inline fast_tanh(x::Float32) = Float32(tanh_kernel(Float64(x)))
+@inline fast_tanh(x::Float32) = tanh_kernel(x)
 @inline fast_tanh(x::AbstractFloat) = tanh(x)
 
 const GELU_C = sqrt(2 / pi)
@@ -113,12 +137,34 @@ end
     return c * c, c * 2
 end
 
-# Separate value and derivative, for broadcasting on any array type (the generic path).
+"""
+    derivative_from_value(σ) -> Bool
+
+Whether σ′(q) is a function of σ(q) alone (`tanh`: 1 − s², `sigmoid`: (1 − s) s), with
+the very arithmetic `value_and_derivative` uses: the kernels then keep S only and form
+σ′ from it where it is needed (bitwise the same numbers, half the memory traffic).
+"""
+derivative_from_value(::Activation) = false
+derivative_from_value(::Activation{:tanh}) = true
+derivative_from_value(::Activation{:sigmoid}) = true
+
+"""
+    derivative_of_value(σ, s) -> σ′ at the point where σ = s (only if `derivative_from_value(σ)`)
+"""
+@inline derivative_of_value(::Activation{:tanh}, s::T) where {T<:AbstractFloat} = one(T) - s * s
+@inline derivative_of_value(::Activation{:sigmoid}, s::T) where {T<:AbstractFloat} = (one(T) - s) * s
+
+# Callables for broadcasting on any array type (the generic path): the value, the pair
+# (value, derivative) from one evaluation, and σ′ from the value.
 struct Value{A<:Activation}
     act::A
 end
-struct Derivative{A<:Activation}
+struct ValueAndDerivative{A<:Activation}
+    act::A
+end
+struct DerivativeOfValue{A<:Activation}
     act::A
 end
 @inline (f::Value)(q) = value_and_derivative(f.act, q)[1]
-@inline (f::Derivative)(q) = value_and_derivative(f.act, q)[2]
+@inline (f::ValueAndDerivative)(q) = value_and_derivative(f.act, q)
+@inline (f::DerivativeOfValue)(s) = derivative_of_value(f.act, s)

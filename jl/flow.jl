@@ -41,14 +41,16 @@ function gd!(ws::Workspace{T}, U, W, b, X, y, a, Δs::Real, nsteps::Integer, σ:
 end
 
 """
-    gd!(U, W, b, X, y, a, Δs, nsteps; activation=:tanh, eta=0.5, weight_decay=0.0) -> Vector{Float64}
+    gd!(U, W, b, X, y, a, Δs, nsteps; activation=:tanh, eta=0.5, weight_decay=0.0, memory=:store)
+        -> Vector{Float64}
 
 Advance θ in place by `nsteps` GD steps (θ ← θ − Δs L M ∇E) and return the
-`nsteps + 1` values of E (before each step and after the last).
+`nsteps + 1` values of E (before each step and after the last). `memory` is the
+workspace's mode (`:store` or `:recompute`, see `Workspace`).
 """
 function gd!(U, W, b, X, y, a, Δs::Real, nsteps::Integer; activation::Symbol = :tanh, eta::Real = 0.5,
-             weight_decay::Real = 0.0)
-    ws = Workspace(U, X)
+             weight_decay::Real = 0.0, memory::Symbol = :store)
+    ws = Workspace(U, X; memory = memory)
     losses = Vector{Float64}(undef, nsteps + 1)
     gd!(ws, U, W, b, X, y, a, Δs, nsteps, MFRes.activation(activation; eta = eta);
         weight_decay = weight_decay, losses = losses)

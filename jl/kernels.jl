@@ -1,12 +1,19 @@
 # Forward pass, loss and discrete adjoint on a Workspace (docs/model.md, section 2, the discrete adjoint).
 #
 # Two paths compute the same numbers:
-# - threaded (CPU `Array`s): each layer is split into blocks of samples (forward,
-#   adjoint) or of particles (parameter gradients), one task per block, each block
-#   doing its own matrix products (single-threaded BLAS) and its element-wise work
-#   while the data is in cache. A sum over samples is never split across tasks, so
-#   the results do not depend on the number of threads.
-# - generic (any array type, e.g. CuArray): whole-layer `mul!` and broadcasting.
+# - chunked (CPU `Array`s, `ws.threaded`): the samples are cut into fixed chunks
+#   (`chunk_size`, from N, M and d only). The forward pass takes a chunk through all L
+#   layers in one go (samples are independent), the adjoint does one layer at a time
+#   over all chunks: each chunk's products run on single-threaded BLAS while its
+#   activations are in cache, and its parameter-gradient sums go to a per-chunk
+#   buffer; the chunk sums are then added in chunk order (by particle blocks, in the
+#   next layer's parallel region). No sum over samples is ever split differently, so
+#   the results are bitwise the same on any number of threads, serial or not.
+# - generic (any array type, e.g. CuArray): whole-layer `mul!` and broadcasting, one
+#   evaluation of the activation per element.
+# In `:recompute` memory mode both keep only the states Z and recompute a layer's
+# S = σ(q), D = σ′(q) in the adjoint, with the same products on the same operands as
+# the forward pass, hence the same numbers as `:store`.
 
 """
     blocks(n, k) -> Vector{UnitRange{Int}}
@@ -15,79 +22,136 @@
 """
 function blocks(n::Integer, k::Integer)
     k = max(1, min(k, n))
-    edges = [div((j - 1) * n, k) for j in 1:k+1]
-    return [edges[j]+1:edges[j+1] for j in 1:k]
+    return [part(n, j, k) for j in 1:k]
 end
+
+# The j-th of k contiguous, nearly equal parts of 1:n (empty if j > n).
+@inline part(n::Integer, j::Integer, k::Integer) = (div((j - 1) * n, k) + 1):div(j * n, k)
 
 # Below this much work per layer (N·M·d), starting tasks costs more than it saves.
 const PARALLEL_WORK = 1 << 16
 
-# Run f(range) for each block of 1:n, in parallel when there are several threads and
-# the layer's work `work` is worth it.
-function foreach_block(f, n::Integer, work::Integer)
-    nt = Threads.nthreads()
-    if nt == 1 || work < PARALLEL_WORK
-        f(1:n)
+# f(j, np) for j in 1:np, one task each, with np = min(threads, nitems) when the layer's
+# work `work` is worth it; otherwise f(1, 1) on this thread. Each f splits its items
+# by `part`, so what is computed never depends on np.
+function in_parallel(f, ws::Workspace, nitems::Integer, work::Integer)
+    np = min(Threads.nthreads(), nitems)
+    if np <= 1 || work < PARALLEL_WORK
+        f(1, 1)
     else
-        parts = blocks(n, nt)
-        Threads.@threads for j in eachindex(parts)
-            f(parts[j])
+        ws.parallel_regions += 1
+        Threads.@threads for j in 1:np
+            f(j, np)
         end
     end
     return nothing
 end
 
-# S, D = σ(Q + b), σ′(Q + b) on the columns `cols`.
-function activate_block!(S, D, Q, b, σ::Activation, cols)
+# S[:, i, ls] = σ(S[:, i, ls] + b[:, l]) (S holds W_lᵀ z on entry) and D = σ′ likewise,
+# for the samples `cols`; D === nothing: the value only.
+# (`ivdep`: S, D and b are distinct arrays, which lets the loop vectorise.)
+function activate!(S::Array{T,3}, D::Array{T,3}, ls, b, l, σ::Activation, cols) where {T}
+    M = size(S, 1)
     @inbounds for i in cols
-        @simd for m in axes(Q, 1)
-            s, ds = value_and_derivative(σ, Q[m, i] + b[m])
-            S[m, i] = s
-            D[m, i] = ds
+        o = M * ((ls - 1) * size(S, 2) + i - 1)
+        ob = M * (l - 1)
+        @simd ivdep for m in 1:M
+            s, ds = value_and_derivative(σ, S[o + m] + b[ob + m])
+            S[o + m] = s
+            D[o + m] = ds
         end
     end
     return nothing
 end
+
+function activate!(S::Array{T,3}, ::Nothing, ls, b, l, σ::Activation, cols) where {T}
+    M = size(S, 1)
+    @inbounds for i in cols
+        o = M * ((ls - 1) * size(S, 2) + i - 1)
+        ob = M * (l - 1)
+        @simd ivdep for m in 1:M
+            S[o + m] = value_and_derivative(σ, S[o + m] + b[ob + m])[1]
+        end
+    end
+    return nothing
+end
+
+# The slot of layer l in S and D: its own in :store mode, the single one in :recompute.
+@inline slot(ws::Workspace, l) = ws.memory === :store ? l : 1
+
+# Whether the forward pass keeps σ′ (only when stored and not a function of σ).
+keeps_derivative(ws::Workspace, σ::Activation) = ws.memory === :store && !derivative_from_value(σ)
 
 """
     forward!(ws, U, W, b, X, σ) -> z_L
 
-Fill `ws.Z`, `ws.S`, `ws.D` for the net θ = (U, W, b) on inputs `X`.
+Fill `ws.Z` (and, in `:store` mode, `ws.S` and, if needed, `ws.D`) for the net
+θ = (U, W, b) on inputs `X`.
 """
 function forward!(ws::Workspace{T}, U, W, b, X, σ::Activation) where {T}
-    M, L = size(U, 2), size(U, 3)
-    c = T(1 / (L * M))  # h/M
-    Z = ws.Z
-    copyto!(view(Z, :, :, 1), X)
-    for l in 1:L
-        if ws.threaded
-            foreach_block(size(X, 2), length(ws.Q) * size(U, 1)) do cols
-                forward_block!(ws, U, W, b, σ, c, l, cols)
+    d, M, L = size(U)
+    N = size(X, 2)
+    ensure_derivative_buffers!(ws, σ)
+    copyto!(view(ws.Z, :, :, 1), X)
+    if ws.threaded
+        serial_blas!()
+        nch = length(ws.chunks)
+        in_parallel(ws, nch, N * M * d) do j, np
+            for k in part(nch, j, np)
+                forward_chunk!(ws, U, W, b, σ, ws.chunks[k])
             end
-        else
-            Zl = view(Z, :, :, l)
-            Sl = view(ws.S, :, :, l)
-            Dl = view(ws.D, :, :, l)
-            mul!(ws.Q, transpose(view(W, :, :, l)), Zl)
-            ws.Q .+= view(b, :, l)
-            Sl .= Value(σ).(ws.Q)
-            Dl .= Derivative(σ).(ws.Q)
-            Zn = view(Z, :, :, l + 1)
-            copyto!(Zn, Zl)
-            mul!(Zn, view(U, :, :, l), Sl, c, one(T))
         end
+    else
+        forward_generic!(ws, U, W, b, σ)
     end
-    return view(Z, :, :, L + 1)
+    return view(ws.Z, :, :, L + 1)
 end
 
-function forward_block!(ws::Workspace{T}, U, W, b, σ, c, l, cols) where {T}
-    Zl = view(ws.Z, :, cols, l)
-    Q = view(ws.Q, :, cols)
-    mul!(Q, transpose(view(W, :, :, l)), Zl)
-    activate_block!(view(ws.S, :, :, l), view(ws.D, :, :, l), ws.Q, view(b, :, l), σ, cols)
-    Zn = view(ws.Z, :, cols, l + 1)
-    copyto!(Zn, Zl)
-    mul!(Zn, view(U, :, :, l), view(ws.S, :, cols, l), c, one(T))
+# One chunk of samples through all layers.
+function forward_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, cols) where {T}
+    M, L = size(U, 2), size(U, 3)
+    c = T(1 / (L * M))  # h/M
+    D = keeps_derivative(ws, σ) ? ws.D : nothing
+    for l in 1:L
+        ls = slot(ws, l)
+        Zl = view(ws.Z, :, cols, l)
+        Sl = view(ws.S, :, cols, ls)
+        mul!(Sl, transpose(view(W, :, :, l)), Zl)
+        activate!(ws.S, D, ls, b, l, σ, cols)
+        Zn = view(ws.Z, :, cols, l + 1)
+        copyto!(Zn, Zl)
+        mul!(Zn, view(U, :, :, l), Sl, c, one(T))
+    end
+    return nothing
+end
+
+# S (and D where kept) of layer l into slot ls, from ws.Q = W_lᵀ z_l: one evaluation of
+# σ per element (the pair buffer SD when σ′ is needed and not a function of σ).
+function activate_generic!(ws::Workspace, σ::Activation, ls, b, l, with_derivative::Bool)
+    Sl = view(ws.S, :, :, ls)
+    bl = view(b, :, l)
+    if with_derivative && !derivative_from_value(σ)
+        ws.SD .= ValueAndDerivative(σ).(ws.Q .+ bl)
+        Sl .= first.(ws.SD)
+        view(ws.D, :, :, ls) .= last.(ws.SD)
+    else
+        Sl .= Value(σ).(ws.Q .+ bl)
+    end
+    return nothing
+end
+
+function forward_generic!(ws::Workspace{T}, U, W, b, σ::Activation) where {T}
+    M, L = size(U, 2), size(U, 3)
+    c = T(1 / (L * M))
+    for l in 1:L
+        ls = slot(ws, l)
+        Zl = view(ws.Z, :, :, l)
+        mul!(ws.Q, transpose(view(W, :, :, l)), Zl)
+        activate_generic!(ws, σ, ls, b, l, ws.memory === :store)
+        Zn = view(ws.Z, :, :, l + 1)
+        copyto!(Zn, Zl)
+        mul!(Zn, view(U, :, :, l), view(ws.S, :, :, ls), c, one(T))
+    end
     return nothing
 end
 
@@ -105,7 +169,8 @@ end
     loss_and_grad!(ws, U, W, b, X, y, a, σ; weight_decay=0.0) -> E
 
 E(θ) (a `Float64`) and, into `ws.gU`, `ws.gW`, `ws.gb`, its gradient by the
-discrete adjoint.
+discrete adjoint. Afterwards `ws.P` holds p_0 (N times the gradient of the data term
+with respect to the inputs, per sample).
 """
 function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
                         weight_decay::Real = 0.0) where {T}
@@ -116,37 +181,11 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
     mul!(r, transpose(zL), a)
     r .-= y
     E = 0.5 * Float64(sumsq(r)) / N + decay_term(U, W, b, weight_decay)
-
-    c = T(1 / (L * M))
-    cg = T(1 / (L * M) / N)
     mul!(ws.P, a, transpose(r))  # p_L = r a, one column per sample
-    for l in L:-1:1
-        if ws.threaded
-            # by fixed chunks of samples, each task owning some: the previous layer's
-            # P += c Pn, T = σ′(q) (U·p_{l+1}), Pn = W T and the chunk's parameter
-            # gradients; then the chunk sums, added in chunk order, by particle blocks
-            work = N * M * size(U, 1)
-            cprev = l == L ? zero(T) : c
-            nch = length(ws.chunks)
-            foreach_block(nch, work) do ks
-                for k in ks
-                    adjoint_chunk!(ws, U, W, l, k, cprev)
-                end
-            end
-            foreach_block(M, work) do rows
-                reduce_chunks!(ws, l, cg, rows)
-            end
-        else
-            Tm = ws.Tm
-            mul!(Tm, transpose(view(U, :, :, l)), ws.P)
-            Tm .*= view(ws.D, :, :, l)
-            mul!(view(ws.gU, :, :, l), ws.P, transpose(view(ws.S, :, :, l)), cg, zero(T))
-            mul!(view(ws.gW, :, :, l), view(ws.Z, :, :, l), transpose(Tm), cg, zero(T))
-            sum!(view(ws.gb, :, l:l), Tm)
-            view(ws.gb, :, l) .*= cg
-            mul!(ws.Pn, view(W, :, :, l), Tm)
-            ws.P .+= c .* ws.Pn
-        end
+    if ws.threaded
+        adjoint_chunked!(ws, U, W, b, σ)
+    else
+        adjoint_generic!(ws, U, W, b, σ)
     end
     if weight_decay != 0
         wd = T(weight_decay / (L * M))
@@ -157,59 +196,173 @@ function loss_and_grad!(ws::Workspace{T}, U, W, b, X, y, a, σ::Activation;
     return E
 end
 
-function adjoint_chunk!(ws::Workspace{T}, U, W, l, k, cprev) where {T}
-    cols = ws.chunks[k]
-    P = view(ws.P, :, cols)
-    if cprev != 0  # p_{l+1} = p_{l+2} + (h/M) Σ W σ′ (U·p_{l+2}), from the previous layer's Pn
-        P .+= cprev .* view(ws.Pn, :, cols)
-    end
-    Tm = view(ws.Tm, :, cols)
-    mul!(Tm, transpose(view(U, :, :, l)), P)
-    D = ws.D
-    @inbounds for i in cols
-        @simd for m in axes(D, 1)
-            ws.Tm[m, i] *= D[m, i, l]
+function adjoint_chunked!(ws::Workspace{T}, U, W, b, σ::Activation) where {T}
+    d, M, L = size(U)
+    N = size(ws.Z, 2)
+    c = T(1 / (L * M))
+    cg = T(1 / (L * M) / N)
+    nch = length(ws.chunks)
+    work = N * M * d
+    for l in L:-1:1
+        # task j: layer l+1's gradient for its particles (chunk sums of the last
+        # region), then its chunks of layer l (the partial buffers alternate by layer)
+        in_parallel(ws, nch, work) do j, np
+            l < L && reduce_chunks!(ws, l + 1, cg, part(M, j, np))
+            for k in part(nch, j, np)
+                adjoint_chunk!(ws, U, W, b, σ, l, k, l == L ? zero(T) : c)
+            end
         end
     end
+    in_parallel(ws, nch, work) do j, np
+        reduce_chunks!(ws, 1, cg, part(M, j, np))
+        for k in part(nch, j, np)  # p_0 = p_1 + (h/M) Σ W σ′ (U·p_1)
+            cols = ws.chunks[k]
+            view(ws.P, :, cols) .+= c .* view(ws.Pn, :, cols)
+        end
+    end
+    return nothing
+end
+
+@inline buffer_of(l) = (l & 1) + 1
+
+# Layer l on chunk k: P = p_{l+1} (from the previous layer's Pn), T = σ′(q) (U·p_{l+1}),
+# Pn = W T, and the chunk's sums Σ_i p sᵀ, Σ_i z Tᵀ, Σ_i T.
+function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, cprev) where {T}
+    cols = ws.chunks[k]
+    pb = buffer_of(l)
+    P = view(ws.P, :, cols)
+    if cprev != 0  # p_{l+1} = p_{l+2} + (h/M) Σ W σ′ (U·p_{l+2})
+        P .+= cprev .* view(ws.Pn, :, cols)
+    end
+    Zl = view(ws.Z, :, cols, l)
+    ls = slot(ws, l)
+    if ws.memory === :recompute  # the forward pass's product and activation, again
+        mul!(view(ws.S, :, cols, 1), transpose(view(W, :, :, l)), Zl)
+        activate!(ws.S, derivative_from_value(σ) ? nothing : ws.D, 1, b, l, σ, cols)
+    end
+    Sl = view(ws.S, :, cols, ls)
+    Tm = view(ws.Tm, :, cols)
+    mul!(Tm, transpose(view(U, :, :, l)), P)
+    if derivative_from_value(σ)
+        scale_and_sum!(ws.Tm, ws.S, ls, ws.gbp, k, pb, σ, cols)
+    else
+        scale_and_sum!(ws.Tm, ws.D, ls, ws.gbp, k, pb, nothing, cols)
+    end
     mul!(view(ws.Pn, :, cols), view(W, :, :, l), Tm)
-    mul!(view(ws.gUp, :, :, k), P, transpose(view(ws.S, :, cols, l)))
-    mul!(view(ws.gWp, :, :, k), view(ws.Z, :, cols, l), transpose(Tm))
-    mul!(view(ws.gbp, :, k), Tm, view(ws.ones_N, cols))
+    mul!(view(ws.gUp, :, :, k, pb), P, transpose(Sl))
+    mul!(view(ws.gWp, :, :, k, pb), Zl, transpose(Tm))
+    return nothing
+end
+
+# Tm .*= σ′ on the chunk's columns (σ′ = D, or from S = σ) and g[:, k, pb] = its row sums.
+# (Linear indices and `ivdep`: distinct arrays, so that the loops vectorise.)
+function scale_and_sum!(Tm::Matrix{T}, D::Array{T,3}, ls, g, k, pb, ::Nothing, cols) where {T}
+    M = size(Tm, 1)
+    og = M * ((pb - 1) * size(g, 2) + k - 1)
+    @inbounds for m in 1:M
+        g[og + m] = zero(T)
+    end
+    @inbounds for i in cols
+        o = M * (i - 1)
+        od = M * ((ls - 1) * size(D, 2) + i - 1)
+        @simd ivdep for m in 1:M
+            t = Tm[o + m] * D[od + m]
+            Tm[o + m] = t
+            g[og + m] += t
+        end
+    end
+    return nothing
+end
+
+function scale_and_sum!(Tm::Matrix{T}, S::Array{T,3}, ls, g, k, pb, σ::Activation, cols) where {T}
+    M = size(Tm, 1)
+    og = M * ((pb - 1) * size(g, 2) + k - 1)
+    @inbounds for m in 1:M
+        g[og + m] = zero(T)
+    end
+    @inbounds for i in cols
+        o = M * (i - 1)
+        os = M * ((ls - 1) * size(S, 2) + i - 1)
+        @simd ivdep for m in 1:M
+            t = Tm[o + m] * derivative_of_value(σ, S[os + m])
+            Tm[o + m] = t
+            g[og + m] += t
+        end
+    end
     return nothing
 end
 
 # gU, gW, gb of layer l for the particles `rows`: cg times the chunk sums, in chunk order.
 function reduce_chunks!(ws::Workspace{T}, l, cg, rows) where {T}
-    nch = length(ws.chunks)
+    isempty(rows) && return nothing
+    d = size(ws.gU, 1)
+    pb = buffer_of(l)
+    gU, gW, gb, gUp, gWp, gbp = ws.gU, ws.gW, ws.gb, ws.gUp, ws.gWp, ws.gbp
     @inbounds for m in rows
-        for j in axes(ws.gU, 1)
-            u = zero(T)
-            w = zero(T)
-            for k in 1:nch
-                u += ws.gUp[j, m, k]
-                w += ws.gWp[j, m, k]
+        @simd for j in 1:d
+            gU[j, m, l] = gUp[j, m, 1, pb]
+            gW[j, m, l] = gWp[j, m, 1, pb]
+        end
+        gb[m, l] = gbp[m, 1, pb]
+    end
+    for k in 2:length(ws.chunks)
+        @inbounds for m in rows
+            @simd for j in 1:d
+                gU[j, m, l] += gUp[j, m, k, pb]
+                gW[j, m, l] += gWp[j, m, k, pb]
             end
-            ws.gU[j, m, l] = cg * u
-            ws.gW[j, m, l] = cg * w
+            gb[m, l] += gbp[m, k, pb]
         end
-        g = zero(T)
-        for k in 1:nch
-            g += ws.gbp[m, k]
+    end
+    @inbounds for m in rows
+        @simd for j in 1:d
+            gU[j, m, l] *= cg
+            gW[j, m, l] *= cg
         end
-        ws.gb[m, l] = cg * g
+        gb[m, l] *= cg
+    end
+    return nothing
+end
+
+function adjoint_generic!(ws::Workspace{T}, U, W, b, σ::Activation) where {T}
+    M, L = size(U, 2), size(U, 3)
+    N = size(ws.Z, 2)
+    c = T(1 / (L * M))
+    cg = T(1 / (L * M) / N)
+    Tm = ws.Tm
+    for l in L:-1:1
+        ls = slot(ws, l)
+        Zl = view(ws.Z, :, :, l)
+        if ws.memory === :recompute
+            mul!(ws.Q, transpose(view(W, :, :, l)), Zl)
+            activate_generic!(ws, σ, 1, b, l, true)
+        end
+        Sl = view(ws.S, :, :, ls)
+        mul!(Tm, transpose(view(U, :, :, l)), ws.P)
+        if derivative_from_value(σ)
+            Tm .*= DerivativeOfValue(σ).(Sl)
+        else
+            Tm .*= view(ws.D, :, :, ls)
+        end
+        mul!(view(ws.gU, :, :, l), ws.P, transpose(Sl), cg, zero(T))
+        mul!(view(ws.gW, :, :, l), Zl, transpose(Tm), cg, zero(T))
+        sum!(view(ws.gb, :, l:l), Tm)
+        view(ws.gb, :, l) .*= cg
+        mul!(ws.Pn, view(W, :, :, l), Tm)
+        ws.P .+= c .* ws.Pn
     end
     return nothing
 end
 
 """
-    loss_and_grad(U, W, b, X, y, a; activation=:tanh, eta=0.5, weight_decay=0.0)
+    loss_and_grad(U, W, b, X, y, a; activation=:tanh, eta=0.5, weight_decay=0.0, memory=:store)
         -> (E, gU, gW, gb)
 
 E(θ) and ∇E for the net θ = (U, W, b) (layouts in the module docstring).
 """
 function loss_and_grad(U, W, b, X, y, a; activation::Symbol = :tanh, eta::Real = 0.5,
-                       weight_decay::Real = 0.0)
-    ws = Workspace(U, X)
+                       weight_decay::Real = 0.0, memory::Symbol = :store)
+    ws = Workspace(U, X; memory = memory)
     E = loss_and_grad!(ws, U, W, b, X, y, a, MFRes.activation(activation; eta = eta);
                        weight_decay = weight_decay)
     return E, copy(ws.gU), copy(ws.gW), copy(ws.gb)
@@ -221,7 +374,7 @@ end
 E(θ) alone (one forward pass).
 """
 function loss(U, W, b, X, y, a; activation::Symbol = :tanh, eta::Real = 0.5, weight_decay::Real = 0.0)
-    ws = Workspace(U, X)
+    ws = Workspace(U, X; memory = :recompute)
     zL = forward!(ws, U, W, b, X, MFRes.activation(activation; eta = eta))
     r = transpose(zL) * a .- y
     return 0.5 * Float64(sumsq(r)) / size(X, 2) + decay_term(U, W, b, weight_decay)

@@ -6,9 +6,11 @@
 using LinearAlgebra
 using Random
 using Test
+using InteractiveUtils: code_llvm
 
 include(joinpath(@__DIR__, "..", "MFRes.jl"))
 using .MFRes
+include(joinpath(@__DIR__, "threadcheck.jl"))
 
 const ACTS = (:tanh, :sigmoid, :softplus, :gelu, :srelu, :relu2)
 
@@ -133,27 +135,85 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         @test losses[end] < 0.7 * losses[1]
     end
 
-    @testset "generic (broadcast) path = threaded path" begin
+    @testset "generic (broadcast, fused) path = chunked path, above the parallel threshold ($act)" for act in ACTS
         rng = MersenneTwister(5)
-        for act in ACTS
-            U, W, b, X, y, a = random_problem(rng, 4, 32, 6, 40)
-            σ = MFRes.activation(act; eta = 0.7)
-            w1 = MFRes.Workspace(U, X; threaded = true)
-            w2 = MFRes.Workspace(U, X; threaded = false)
+        U, W, b, X, y, a = random_problem(rng, 4, 64, 3, 300)  # N M d = 76800 ≥ PARALLEL_WORK
+        @test size(X, 2) * size(U, 2) * size(U, 1) >= MFRes.PARALLEL_WORK
+        σ = MFRes.activation(act; eta = 0.7)
+        for memory in (:store, :recompute)
+            w1 = MFRes.Workspace(U, X; threaded = true, memory = memory)
+            w2 = MFRes.Workspace(U, X; threaded = false, memory = memory)
             E1 = MFRes.loss_and_grad!(w1, U, W, b, X, y, a, σ; weight_decay = 0.1)
             E2 = MFRes.loss_and_grad!(w2, U, W, b, X, y, a, σ; weight_decay = 0.1)
+            @test (w1.parallel_regions > 0) == (Threads.nthreads() > 1)  # really the threaded path
+            @test w2.parallel_regions == 0
             @test E1 ≈ E2 rtol = 1e-14
             @test relerr(w1.gU, w2.gU) < 1e-13 && relerr(w1.gW, w2.gW) < 1e-13 && relerr(w1.gb, w2.gb) < 1e-13
+            @test relerr(w1.P, w2.P) < 1e-13
         end
     end
 
-    @testset "Float32" begin
+    @testset "recompute = store to 1e-14 ($act, $(threaded ? "chunked" : "generic"))" for act in ACTS,
+                                                                                            threaded in (true, false)
+        rng = MersenneTwister(10)
+        U, W, b, X, y, a = random_problem(rng, 3, 40, 5, 200)
+        σ = MFRes.activation(act; eta = 0.7)
+        ws = MFRes.Workspace(U, X; threaded = threaded, memory = :store)
+        wr = MFRes.Workspace(U, X; threaded = threaded, memory = :recompute)
+        @test size(wr.S) == (40, 200, 1) && size(ws.S) == (40, 200, 5)
+        Es = MFRes.loss_and_grad!(ws, U, W, b, X, y, a, σ; weight_decay = 0.05)
+        Er = MFRes.loss_and_grad!(wr, U, W, b, X, y, a, σ; weight_decay = 0.05)
+        # σ′ is kept (one layer's worth when recomputing) only where it is not a function of σ
+        @test size(wr.D, 3) == (MFRes.derivative_from_value(σ) ? 0 : 1)
+        @test size(ws.D, 3) == (MFRes.derivative_from_value(σ) ? 0 : 5)
+        @test abs(Es - Er) <= 1e-14 * abs(Es)
+        @test relerr(wr.gU, ws.gU) <= 1e-14 && relerr(wr.gW, ws.gW) <= 1e-14 && relerr(wr.gb, ws.gb) <= 1e-14
+        @test wr.Z == ws.Z
+        # and along a trajectory
+        Δs = act == :relu2 ? 0.01 : 0.3  # relu2 is unbounded: a stable step
+        l1 = MFRes.gd!(copy(U), copy(W), copy(b), X, y, a, Δs, 5; activation = act, eta = 0.7, memory = :store)
+        l2 = MFRes.gd!(copy(U), copy(W), copy(b), X, y, a, Δs, 5; activation = act, eta = 0.7, memory = :recompute)
+        @test all(isfinite, l1) && l1[end] < l1[1]
+        @test maximum(abs.(l1 .- l2) ./ l1) <= 1e-14
+        @test_throws ArgumentError MFRes.Workspace(U, X; memory = :auto)
+        @test MFRes.fits(wr, U, X, :recompute) && !MFRes.fits(wr, U, X, :store)
+    end
+
+    @testset "Float32 kernels: tanh within 3 ulp of tanh, never through Float64" begin
+        xs = Float32[range(-12, 12; length = 40_001); [0.0f0, -0.0f0, 1.0f-30, -1.0f-20, 1.0f-6, 9.0f0, 30.0f0, -100.0f0]]
+        worst = 0.0
+        for x in xs
+            t = MFRes.fast_tanh(x)
+            @test t isa Float32
+            ref = tanh(big(x))
+            worst = max(worst, Float64(abs(t - ref) / eps(Float32(ref))))
+        end
+        println("fast_tanh(Float32): worst error $worst ulp")
+        @test worst <= 3
+        @test signbit(MFRes.fast_tanh(-0.0f0))
+        # the Float32 kernel's code has no Float64 arithmetic
+        code = sprint(code_llvm, MFRes.tanh_kernel, Tuple{Float32})
+        @test !occursin("double", code)
+    end
+
+    @testset "Float32 = Float64 to float32 precision ($act)" for act in ACTS
         rng = MersenneTwister(6)
-        U, W, b, X, y, a = random_problem(rng, 4, 16, 8, 32)
+        U, W, b, X, y, a = random_problem(rng, 4, 64, 4, 300)
         U32, W32, b32, X32, y32, a32 = map(v -> Float32.(v), (U, W, b, X, y, a))
-        l64 = MFRes.gd!(U, W, b, X, y, a, 0.5, 50)
-        l32 = MFRes.gd!(U32, W32, b32, X32, y32, a32, 0.5, 50)
-        @test eltype(U32) == Float32
+        for threaded in (true, false)
+            σ = MFRes.activation(act; eta = 0.7)
+            w64 = MFRes.Workspace(U, X; threaded = threaded)
+            w32 = MFRes.Workspace(U32, X32; threaded = threaded)
+            E64 = MFRes.loss_and_grad!(w64, U, W, b, X, y, a, σ)
+            E32 = MFRes.loss_and_grad!(w32, U32, W32, b32, X32, y32, a32, σ)
+            @test eltype(w32.gU) == Float32
+            @test abs(E32 - E64) < 1e-4 * E64
+            @test relerr(w32.gU, w64.gU) < 1e-4 && relerr(w32.gW, w64.gW) < 1e-4 && relerr(w32.gb, w64.gb) < 1e-4
+        end
+        Δs = act == :relu2 ? 0.01 : 0.5
+        l64 = MFRes.gd!(U, W, b, X, y, a, Δs, 30; activation = act, eta = 0.7)
+        l32 = MFRes.gd!(U32, W32, b32, X32, y32, a32, Δs, 30; activation = act, eta = 0.7)
+        @test all(isfinite, l64) && l64[end] < l64[1]
         @test maximum(abs.(l32 .- l64) ./ l64) < 1e-4
     end
 
@@ -184,28 +244,51 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         end
     end
 
-    @testset "results do not depend on the thread count" begin
+    @testset "BLAS runs on one thread inside the kernels, also with one Julia thread" begin
+        blas_threads() = isdefined(BLAS, :get_num_threads) ? BLAS.get_num_threads() :
+                         Int(ccall((:openblas_get_num_threads64_, Base.libblas_name), Cint, ()))
+        U, W, b, X, y, a = random_problem(MersenneTwister(11), 3, 8, 2, 20)
+        ws = MFRes.Workspace(U, X)
+        BLAS.set_num_threads(2)
+        @test blas_threads() == 2
+        MFRes.loss_and_grad!(ws, U, W, b, X, y, a, MFRes.activation(:tanh))
+        @test blas_threads() == 1
+    end
+
+    @testset "bitwise the same on 1 and 2 threads, threaded path taken (d=3, M=300, L=3, N=1000)" begin
+        # this process against a Julia process with the other thread count (1 ↔ 2)
+        other = Threads.nthreads() == 1 ? 2 : 1
         rng = MersenneTwister(8)
-        U, W, b, X, y, a = random_problem(rng, 4, 48, 6, 64)
-        losses = MFRes.gd!(copy(U), copy(W), copy(b), X, y, a, 0.3, 20; activation = :softplus)
-        # the same computation in a one-thread Julia process
+        U, W, b, X, y, a = random_problem(rng, 3, 300, 3, 1000)
         dir = mktempdir()
         for (name, v) in (("U", U), ("W", W), ("b", b), ("X", X), ("y", y), ("a", a))
             write(joinpath(dir, name * ".bin"), v)
         end
+        run_threadcheck(dir, U, W, b, X, y, a, "here")
         script = """
             include($(repr(joinpath(@__DIR__, "..", "MFRes.jl"))))
+            include($(repr(joinpath(@__DIR__, "threadcheck.jl"))))
             rd(n, dims...) = read!(joinpath($(repr(dir)), n * ".bin"), Array{Float64}(undef, dims...))
-            U = rd("U", $(join(size(U), ", "))); W = rd("W", $(join(size(W), ", "))); b = rd("b", $(join(size(b), ", ")))
-            X = rd("X", $(join(size(X), ", "))); y = rd("y", $(length(y))); a = rd("a", $(length(a)))
-            ls = MFRes.gd!(U, W, b, X, y, a, 0.3, 20; activation = :softplus)
-            write(joinpath($(repr(dir)), "losses.bin"), ls)
+            U = rd("U", 3, 300, 3); W = rd("W", 3, 300, 3); b = rd("b", 300, 3)
+            X = rd("X", 3, 1000); y = rd("y", 1000); a = rd("a", 3)
+            run_threadcheck($(repr(dir)), U, W, b, X, y, a, "there")
             """
-        run(`$(Base.julia_cmd()) -t 1 --startup-file=no -e $script`)
-        one_thread = read!(joinpath(dir, "losses.bin"), zeros(21))
-        println("thread-count check: $(Threads.nthreads()) threads vs 1, max rel diff ",
-                maximum(abs.(losses .- one_thread) ./ one_thread))
-        @test maximum(abs.(losses .- one_thread) ./ one_thread) < 1e-13
+        run(`$(Base.julia_cmd()) -t $other --startup-file=no -e $script`)
+        regions = Dict(tag => parse(Int, readline(joinpath(dir, "$(tag)_regions.txt"))) for tag in ("here", "there"))
+        two = Threads.nthreads() == 1 ? "there" : "here"
+        one_ = two == "here" ? "there" : "here"
+        @test regions[two] > 0   # the 2-thread run went through the threaded regions
+        @test regions[one_] == 0
+        ndiff = 0
+        for act in (:tanh, :softplus), memory in (:store, :recompute), f in ("Z", "S", "P", "gU", "gW", "gb", "losses", "Uf")
+            key = "$(act)_$(memory)_$(f)"
+            x1 = read(joinpath(dir, "here_$(key).bin"))
+            x2 = read(joinpath(dir, "there_$(key).bin"))
+            @test !isempty(x1)
+            @test x1 == x2
+            ndiff += x1 != x2
+        end
+        println("thread-count check: $(Threads.nthreads()) threads vs $other, $ndiff arrays differ in any bit")
     end
 
     @testset "bridge entry points" begin
