@@ -19,24 +19,31 @@ to_device(x, ::Val{D}) where {D} = throw(ArgumentError("device $D is not loaded;
 
 const WORKSPACE_CACHE = Ref{Any}(nothing)
 
-function cached_workspace(U, X)
+"""
+    cached_workspace(U, X, memory = "store") -> Workspace
+
+One workspace reused across calls, rebuilt when the size or the memory mode
+(`"store"` or `"recompute"`, see `Workspace`) changes.
+"""
+function cached_workspace(U, X, memory::AbstractString = "store")
+    mode = Symbol(memory)
     ws = WORKSPACE_CACHE[]
-    if !(ws isa Workspace && fits(ws, U, X))
-        ws = Workspace(U, X)
+    if !(ws isa Workspace && fits(ws, U, X, mode))
+        ws = Workspace(U, X; memory = mode)
         WORKSPACE_CACHE[] = ws
     end
     return ws
 end
 
 """
-    advance_chunk(U, W, b, X, y, a, Δs, nsteps, activation, eta, weight_decay) -> (losses, norms)
+    advance_chunk(U, W, b, X, y, a, Δs, nsteps, activation, eta, weight_decay; memory = "store") -> (losses, norms)
 
 `gd!` on a cached workspace, with the RMS particle velocities, stopping at the first
 non-finite E (the vectors are then shorter than `nsteps + 1`). Mutates U, W, b.
 """
 function advance_chunk(U, W, b, X, y, a, Δs::Real, nsteps::Integer, activation::AbstractString,
-                       eta::Real, weight_decay::Real)
-    ws = cached_workspace(U, X)
+                       eta::Real, weight_decay::Real; memory::AbstractString = "store")
+    ws = cached_workspace(U, X, memory)
     losses = Vector{Float64}(undef, nsteps + 1)
     norms = Vector{Float64}(undef, nsteps + 1)
     k = gd!(ws, U, W, b, X, y, a, Δs, nsteps, MFRes.activation(Symbol(activation); eta = eta);
@@ -46,7 +53,7 @@ end
 
 """
     advance_nets(Us, Ws, bs, X, y, a, Δs, nsteps, activation, eta, weight_decay, losses, norms;
-                 stop_nonfinite = false) -> k
+                 stop_nonfinite = false, memory = "store") -> k
 
 A batch of nets on the same data: net `j` (θ = `Us[j], Ws[j], bs[j]`, mutated in place)
 advances by `nsteps` GD steps, writing its E and RMS velocities into `losses[1:k, j]`,
@@ -56,11 +63,11 @@ the number of values written for the last net; otherwise `k = nsteps + 1`.
 """
 function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activation::AbstractString, eta::Real,
                       weight_decay::Real, losses::AbstractMatrix{Float64}, norms::AbstractMatrix{Float64};
-                      stop_nonfinite::Bool = false)
+                      stop_nonfinite::Bool = false, memory::AbstractString = "store")
     σ = MFRes.activation(Symbol(activation); eta = eta)
     k = nsteps + 1
     for j in eachindex(Us)
-        ws = cached_workspace(Us[j], X)
+        ws = cached_workspace(Us[j], X, memory)
         k = gd!(ws, Us[j], Ws[j], bs[j], X, y, a, Δs, nsteps, σ; weight_decay = weight_decay,
                 losses = view(losses, :, j), norms = view(norms, :, j), stop_nonfinite = stop_nonfinite)
     end
@@ -68,10 +75,11 @@ function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activatio
 end
 
 """
-    gradient(U, W, b, X, y, a, activation, eta, weight_decay) -> (E, gU, gW, gb)
+    gradient(U, W, b, X, y, a, activation, eta, weight_decay; memory = "store") -> (E, gU, gW, gb)
 """
-function gradient(U, W, b, X, y, a, activation::AbstractString, eta::Real, weight_decay::Real)
-    ws = cached_workspace(U, X)
+function gradient(U, W, b, X, y, a, activation::AbstractString, eta::Real, weight_decay::Real;
+                  memory::AbstractString = "store")
+    ws = cached_workspace(U, X, memory)
     E = loss_and_grad!(ws, U, W, b, X, y, a, MFRes.activation(Symbol(activation); eta = eta);
                        weight_decay = weight_decay)
     return E, copy(ws.gU), copy(ws.gW), copy(ws.gb)

@@ -87,12 +87,14 @@ function advance(words)
     n = parse(Int, words[1])
     Δs = parse(Float64, words[2])
     act, eta, wd = words[3], parse(Float64, words[4]), parse(Float64, words[5])
+    memory = length(words) >= 6 ? words[6] : "store"
     n + 1 <= size(m.losses, 1) || error("$n steps do not fit the shared loss buffer ($(size(m.losses, 1) - 1))")
     X, y, a = on_device(m.X), on_device(m.y), on_device(m.a)
     Us, Ws, bs = map(on_device, m.U), map(on_device, m.W), map(on_device, m.b)
     t0 = time_ns()
     k = Base.invokelatest(MFRes.advance_nets, Us, Ws, bs, X, y, a, Δs, n, act, eta, wd,
-                          view(m.losses, 1:n+1, :), view(m.norms, 1:n+1, :); stop_nonfinite = m.single)
+                          view(m.losses, 1:n+1, :), view(m.norms, 1:n+1, :); stop_nonfinite = m.single,
+                          memory = memory)
     seconds = (time_ns() - t0) / 1e9
     foreach(back!, m.U, Us)
     foreach(back!, m.W, Ws)
@@ -103,8 +105,10 @@ end
 function gradient(words)
     m = maps()
     act, eta, wd = words[1], parse(Float64, words[2]), parse(Float64, words[3])
+    memory = length(words) >= 4 ? words[4] : "store"
     E, gU, gW, gb = Base.invokelatest(MFRes.gradient, on_device(m.U[1]), on_device(m.W[1]), on_device(m.b[1]),
-                                      on_device(m.X), on_device(m.y), on_device(m.a), act, eta, wd)
+                                      on_device(m.X), on_device(m.y), on_device(m.a), act, eta, wd;
+                                      memory = memory)
     copyto!(m.gU, MFRes.host_array(gU))
     copyto!(m.gW, MFRes.host_array(gW))
     copyto!(m.gb, MFRes.host_array(gb))

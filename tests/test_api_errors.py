@@ -166,7 +166,6 @@ def test_backend_error_is_one_line_exit_3(tmp_path: Path, monkeypatch: pytest.Mo
     assert res.stdout == "" and not out.exists()
 
 
-@pytest.mark.xfail(strict=False, reason="needs the julia helper's backends.select fix (no silent NumPy for cuda)")
 def test_cuda_with_default_backend_does_not_run_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MFRES_JULIA_TRANSPORT", "none")  # no Julia: auto would mean NumPy, which has no GPU
     out = tmp_path / "r.nc"
@@ -185,7 +184,7 @@ def test_cuda_with_default_backend_does_not_run_numpy(tmp_path: Path, monkeypatc
     (["--kind", "weights", "--layers", "99,-1"], "--layers 99 is not a layer of this run: it has layers 0..3"),
     (["--kind", "clouds", "--layers", "0,-1"], "--layers -1 is not a layer of this run"),
     (["--kind", "weights", "--layers", "a,b"], "--layers must be a comma list of integers"),
-    (["--kind", "loss", "--at-s", "1"], "--at-s applies to --kind clouds, success and rates, not loss"),
+    (["--kind", "loss", "--at-s", "1"], "--at-s applies to --kind clouds, success, rates and size, not loss"),
     (["--kind", "loss", "--layers", "1"], "--layers applies to --kind weights and clouds"),
     (["--kind", "weights", "--animate", "a.gif"], "--animate applies to --kind clouds"),
     (["--kind", "clouds", "--animate", "a.txt"], "the file type must be .gif, .mp4"),

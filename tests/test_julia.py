@@ -233,6 +233,28 @@ def test_exe_transport_threads_float32_batches(exe_backends: dict[int, JuliaExeB
         assert _rel(getattr(g, v), getattr(g_ref, v)) < 1e-11, v
 
 
+@pytest.mark.parametrize("memory", ["store", "recompute"])
+def test_exe_transport_memory_modes(exe_backends: dict[int, JuliaExeBackend], memory: str) -> None:
+    """--memory reaches the Julia kernels: store and recompute follow NumPy (and each other) to 1e-12."""
+    from mfres.backends import kernel_memory
+
+    jl = _backend(exe_backends, 1)
+    theta, prob = _problem("softplus", 4, 20, 3, 40, 0.01, "float64")
+    assert kernel_memory(memory, theta, prob) == memory
+    ref = theta.copy()
+    jl.memory = memory
+    try:
+        traj = jl.advance(theta, prob, 0.3, 60)
+        E, g = jl.loss_and_grad(theta, prob)
+    finally:
+        jl.memory = "auto"
+    want = NumpyBackend(memory).advance(ref, prob, 0.3, 60)
+    np.testing.assert_allclose(traj.loss, want.loss, rtol=1e-12)
+    assert _rel(theta.W, ref.W) < 1e-12
+    E_ref, g_ref = NumpyBackend(memory).loss_and_grad(theta, prob)
+    assert abs(E / E_ref - 1) < 1e-13 and _rel(g.U, g_ref.U) < 1e-11
+
+
 def test_exe_transport_stops_at_first_nonfinite_loss(exe_backends: dict[int, JuliaExeBackend]) -> None:
     jl = _backend(exe_backends, 1)
     theta, prob = _problem("tanh", 4, 12, 3, 24, 0.0, "float64")

@@ -34,13 +34,21 @@ def check_output(out: str, *, overwrite: bool = False, resume: bool = False) -> 
 
     Raises ``ConfigError`` (a usage mistake: exit code 2 in the CLI) if ``out`` exists
     and neither ``overwrite`` nor ``resume`` is given, if both are, or if ``out`` is a
-    folder; ``StorageError`` (exit code 4) if its folder does not exist or cannot be
-    written.
+    folder; ``StorageError`` (exit code 4) if another process writes it, if it is not a
+    regular file, or if its folder does not exist or cannot be written.
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     if os.path.isdir(out):
         raise ConfigError(f"{out} is a folder; --out must name a file")
+    from .store.layout import lock_holder
+
+    holder = lock_holder(out)
+    if holder is not None:
+        raise StorageError(f"{out} is being written by another mfres process{f' (pid {holder})' if holder else ''}; "
+                           "wait for it to end or choose another --out")
+    if os.path.exists(out) and not os.path.isfile(out):
+        raise StorageError(f"{out} is not a regular file")
     if os.path.exists(out) and not (overwrite or resume):
         raise ConfigError(f"{out} exists; pass --overwrite to replace it (or --resume to continue it)")
     directory = os.path.dirname(os.path.abspath(out))
@@ -195,7 +203,7 @@ def sweep(out: str = "sweep.nc", *, depth: int | Sequence[int] = 16, width: int 
 
     The result holds ``loss(<swept>, depth, width, seed, step)`` on the grid ``s(step)``,
     and ``status`` (ok, diverged, failed, missing), ``message``, ``seconds`` per run.
-    Raises ``RunStopped`` if some runs are still missing at the end (a lost worker).
+    Raises ``RunStopped`` if some runs are missing or failed at the end (a lost worker).
     """
     from .sweep import SweepSpec, open_sweep, run_sweep
 
@@ -214,18 +222,14 @@ def sweep(out: str = "sweep.nc", *, depth: int | Sequence[int] = 16, width: int 
                 base[name] = values[0]
         spec = SweepSpec(depths, widths, seeds, acts if len(acts) > 1 else (), inits if len(inits) > 1 else (),
                          dss if len(dss) > 1 else (), base)
-        extra: dict[str, Any] = {}  # passed only when set: run_sweep before the durable sweeps takes neither
-        if backend != "numpy":
-            extra["backend"] = backend
-        if overwrite:
-            extra["overwrite"] = True
         with sweep_progress(progress, len(spec.groups())) as callback:
             counts = run_sweep(spec, out, workers=workers, scheduler=scheduler, keep_runs=keep_runs,
-                               command="mfres.sweep", progress=callback, **extra)
-        if counts.get("missing"):
-            raise RunStopped(f"{counts['missing']} runs are still missing; call mfres.sweep again with the same "
-                             "arguments to complete them")
-        return open_sweep(out, load=True)
+                               backend=backend, overwrite=overwrite, command="mfres.sweep", progress=callback)
+        left = counts.get("missing", 0) + counts.get("failed", 0)
+        if left:
+            raise RunStopped(f"{left} runs are missing or failed (see the file's message variable); call "
+                             "mfres.sweep again with the same arguments to redo them")
+        return open_sweep(out)
 
 
 def analyze(sweep: Any, eps: float = 1e-3, eta: float = 0.1, at_s: float | None = None,

@@ -194,6 +194,9 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
                 click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
                            f"activation={config.activation} init={config.init} Δs={config.ds:g} "
                            f"backend={backend.name} dtype={config.dtype}", err=True)
+                if hasattr(backend, "startup_seconds"):
+                    click.echo(f"{backend.describe()}; the first chunk compiles the kernels (once per process)",
+                               err=True)
             with _training_bar(quiet, config.steps, out if resume else None) as progress:
                 result = run(config, out, backend=backend, command=command, overwrite=overwrite, resume=resume,
                              progress=progress, stop=stop, warn=False)
@@ -203,6 +206,9 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
         else:
             click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, "
                        f"final loss {result.loss:.6g}; wrote {out}", err=True)
+        startup = getattr(backend, "startup_seconds", 0.0)
+        if startup:
+            click.echo(f"Julia start-up and compilation: {startup:.1f} s of this run", err=True)
     for w in result.warnings:
         click.echo(f"Warning: {w}", err=True)
 

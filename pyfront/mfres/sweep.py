@@ -494,7 +494,7 @@ def is_sweep_file(path: str) -> bool:
         check_regular(path)
         with netCDF4.Dataset(path) as nc:
             return "sweep_spec" in nc.ncattrs() and "status" in nc.variables
-    except (OSError, StorageError):
+    except (OSError, UnicodeError, StorageError):  # a path netCDF4 cannot spell is no sweep of ours
         return False
 
 

@@ -60,6 +60,19 @@ class Trajectory:
         return bool(np.all(np.isfinite(self.loss[-1])))
 
 
+def kernel_memory(memory: str, theta: Particles, problem: Problem) -> str:
+    """The Julia kernels' memory mode for ``--memory`` (store | recompute | auto), as ``NumpyBackend`` decides it.
+
+    ``store`` keeps every layer's activations (O(L·N·M)), ``recompute`` only the states
+    z_l (O(L·N·d)); ``auto`` stores them when they fit in a quarter of RAM. A batch's nets
+    share one workspace in Julia, so the rule is applied to one net.
+    """
+    from .numpy_backend import choose_recompute
+
+    L, M, _ = theta.shape
+    return "recompute" if choose_recompute(memory, L, M, problem.x.shape[0], theta.U.dtype) else "store"
+
+
 class Backend(Protocol):
     """The interface every backend implements."""
 

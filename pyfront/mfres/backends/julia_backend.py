@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..model import Particles
-from . import Problem, Trajectory
+from . import Problem, Trajectory, kernel_memory
 
 MIN_JULIA = (1, 10, 3)
 EXCLUDED_JULIA = {(1, 10, 1), (1, 10, 2)}
@@ -248,7 +248,7 @@ class JuliaBackend:
     def __init__(self, threads: int | None = None, device: str = "cpu", memory: str = "auto") -> None:
         self.jl = start_julia(threads, device)
         self.device = device
-        self.memory = memory  # the Julia kernels' memory mode is the kernels' own (issue 11)
+        self.memory = memory
         if device == "cuda":
             enable_cuda()
 
@@ -290,7 +290,8 @@ class JuliaBackend:
     def loss_and_grad(self, theta: Particles, problem: Problem) -> tuple[float, Particles]:
         X, y, a = self._problem(problem)
         U, W, b = (self._to_julia(v) for v in (theta.U, theta.W, theta.b))
-        E, gU, gW, gb = self.jl.gradient(U, W, b, X, y, a, *self._tail(problem))
+        E, gU, gW, gb = self.jl.gradient(U, W, b, X, y, a, *self._tail(problem),
+                                         memory=kernel_memory(self.memory, theta, problem))
         grad = Particles(np.empty_like(theta.U), np.empty_like(theta.W), np.empty_like(theta.b))
         self._copy_back(grad, gU, gW, gb)
         return float(E), grad
@@ -301,7 +302,8 @@ class JuliaBackend:
             return self._advance_batch(theta, problem, ds, n)
         X, y, a = self._problem(problem)
         U, W, b = (self._to_julia(v) for v in (theta.U, theta.W, theta.b))
-        losses, norms = self.jl.advance_chunk(U, W, b, X, y, a, float(ds), int(n), *self._tail(problem))
+        losses, norms = self.jl.advance_chunk(U, W, b, X, y, a, float(ds), int(n), *self._tail(problem),
+                                              memory=kernel_memory(self.memory, theta, problem))
         self._copy_back(theta, U, W, b)
         return Trajectory(np.array(losses, dtype=np.float64), np.array(norms, dtype=np.float64))
 
@@ -315,7 +317,8 @@ class JuliaBackend:
                 self.jl.seval("push!")(vec, arr)
         zeros = self.jl.seval("(n, B) -> zeros(Float64, n, B)")
         jl_losses, jl_norms = zeros(n + 1, B), zeros(n + 1, B)  # Julia (n + 1, B) matrices
-        self.jl.advance_nets(Us, Ws, bs, X, y, a, float(ds), int(n), *self._tail(problem), jl_losses, jl_norms)
+        self.jl.advance_nets(Us, Ws, bs, X, y, a, float(ds), int(n), *self._tail(problem), jl_losses, jl_norms,
+                             memory=kernel_memory(self.memory, theta, problem))
         for j in range(B):
             net = Particles(theta.U[j], theta.W[j], theta.b[j])
             self._copy_back(net, nets[0][j], nets[1][j], nets[2][j])

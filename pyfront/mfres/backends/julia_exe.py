@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..model import Particles
-from . import Problem, Trajectory
+from . import Problem, Trajectory, kernel_memory
 
 MIN_VERSION = (1, 5, 0)
 ALIGN = 64
@@ -258,7 +258,7 @@ class JuliaExeBackend:
             exe = found[0]
         self.exe = exe
         self.device = device
-        self.memory = memory  # the Julia kernels' memory mode is the kernels' own (issue 11)
+        self.memory = memory
         self._shared: _Shared | None = None
         self._warm: set[tuple[str, str, float]] = set()
         self._buf = b""
@@ -386,7 +386,8 @@ class JuliaExeBackend:
     def advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
         """n GD steps in place (a batch: all nets, never stopping early), as ``NumpyBackend``."""
         sh = self._prepare(theta, problem, n)
-        reply = self._request(f"advance {int(n)} {float(ds)!r} {self._tail(problem)}")
+        mode = kernel_memory(self.memory, theta, problem)
+        reply = self._request(f"advance {int(n)} {float(ds)!r} {self._tail(problem)} {mode}")
         k, self.kernel_seconds = int(reply[0]), float(reply[1])
         tb = theta.batched()
         tb.U[...] = sh.arrays["U"]
@@ -403,7 +404,7 @@ class JuliaExeBackend:
         if theta.batch:
             raise BackendError("loss_and_grad takes one net, not a batch")
         sh = self._prepare(theta, problem, 0)
-        E = float(self._request(f"gradient {self._tail(problem)}")[0])
+        E = float(self._request(f"gradient {self._tail(problem)} {kernel_memory(self.memory, theta, problem)}")[0])
         return E, Particles(sh.arrays["gU"].copy(), sh.arrays["gW"].copy(), sh.arrays["gb"].copy())
 
     def describe(self) -> str:
