@@ -35,12 +35,24 @@ def julia() -> str:
     return JULIA
 
 
+# Hidden from the start (not only inside each test), so that environments copied at
+# import time, e.g. a module's ``dict(os.environ, ...)`` for subprocesses, hide it too.
+_USER_TRANSPORT = os.environ.get("MFRES_JULIA_TRANSPORT")
+os.environ["MFRES_JULIA_TRANSPORT"] = "none"
+
+
 @pytest.fixture(autouse=True)
 def _auto_means_numpy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a Julia around (MFRES_JULIA in CI), ``--backend auto`` now picks Julia, and each
-    process pays Julia's start-up and compilation. Tests that do not ask for Julia (the
-    ``julia`` fixture or the ``julia_auto`` marker) run with Julia hidden from ``auto``."""
-    if "julia" not in request.fixturenames and request.node.get_closest_marker("julia_auto") is None:
+    """With a Julia around (MFRES_JULIA in CI), ``--backend auto`` picks Julia, and each
+    process pays Julia's start-up and compilation. Only tests that ask for Julia (the
+    ``julia`` fixture or the ``julia_auto`` marker) see it; the others run with Julia
+    hidden from ``auto`` (MFRES_JULIA_TRANSPORT=none)."""
+    if "julia" in request.fixturenames or request.node.get_closest_marker("julia_auto") is not None:
+        if _USER_TRANSPORT is None:
+            monkeypatch.delenv("MFRES_JULIA_TRANSPORT", raising=False)
+        else:
+            monkeypatch.setenv("MFRES_JULIA_TRANSPORT", _USER_TRANSPORT)
+    else:
         monkeypatch.setenv("MFRES_JULIA_TRANSPORT", "none")
 
 

@@ -369,7 +369,6 @@ def test_auto_picks_the_julia_executable(tmp_path: Path) -> None:
         pytest.skip("no Julia: set MFRES_JULIA or put julia on PATH (.ci/run installs one)")
     from mfres.backends import describe, select
 
-    os.environ.pop("MFRES_JULIA_TRANSPORT", None)
     env = {"MFRES_JULIA": JULIA, "PYTHON_JULIAPKG_EXE": ""}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():

@@ -121,7 +121,12 @@ def test_sigkill_at_random_times_then_resume(tmp_path: Path) -> None:
     for trial in range(8):
         proc = subprocess.Popen([*CLI, "simulate", *args, *(["--resume"] if trial else [])],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=FREQUENT)
-        time.sleep(rng.uniform(1.2, 2.5))
+        # a kill before the first durable point leaves no file (the strace scan covers that);
+        # here the kills fall at random moments of training, after the file exists
+        deadline = time.monotonic() + 120
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.1, 1.3))
         proc.kill()
         proc.wait()
         with mfres.open_run(str(out)) as ds:  # a killed run's file always opens
