@@ -175,7 +175,8 @@ def _backend(live: dict[int, JuliaExeBackend], threads: int) -> JuliaExeBackend:
     return live[threads]
 
 
-@pytest.mark.parametrize("act", ACTIVATIONS)
+# each activation compiles its own kernels (≈ 8 s): tanh in the default run, the others under -m slow
+@pytest.mark.parametrize("act", [a if a == "tanh" else pytest.param(a, marks=pytest.mark.slow) for a in ACTIVATIONS])
 def test_exe_transport_equals_numpy_every_activation(exe_backends: dict[int, JuliaExeBackend], act: str) -> None:
     """300 GD steps through the child Julia: every E, velocity and the final θ equal NumPy's to 1e-12."""
     jl = _backend(exe_backends, 1)
@@ -192,7 +193,7 @@ def test_exe_transport_equals_numpy_every_activation(exe_backends: dict[int, Jul
     assert want.loss[-1] < 0.9 * want.loss[0]  # the run did train
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: a second child
 def test_exe_transport_threads_float32_batches(exe_backends: dict[int, JuliaExeBackend], threads: int) -> None:
     """Above the kernels' parallel threshold (N·M·d ≥ 2^16), in float32, and for a batch of nets
     (one round trip per chunk), the child Julia follows the NumPy backend."""
@@ -339,6 +340,7 @@ RUN = ["--depth", "4", "--width", "10", "--dim", "3", "--samples", "30", "--ds",
        "--snapshot-every", "20"]
 
 
+@pytest.mark.slow  # mfres processes, each compiling the kernels once
 def test_cli_simulate_and_resume_through_julia(julia: str, tmp_path: Path) -> None:
     """`mfres simulate --backend julia` (Julia child, 2 threads) and its --resume write the run
     file that the NumPy backend writes, step for step."""
@@ -363,6 +365,7 @@ def test_cli_simulate_and_resume_through_julia(julia: str, tmp_path: Path) -> No
                 np.testing.assert_allclose(j[v].values, n[v].values, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.slow  # its own child, compiling the kernels
 @pytest.mark.julia_auto
 def test_auto_picks_the_julia_executable(tmp_path: Path) -> None:
     if JULIA is None:
@@ -385,6 +388,7 @@ def test_auto_picks_the_julia_executable(tmp_path: Path) -> None:
         assert not _alive(backend.pid)
 
 
+@pytest.mark.slow  # mfres processes, each compiling the kernels once
 def test_ctrl_c_finishes_the_chunk_and_stops_julia(julia: str, tmp_path: Path) -> None:
     """SIGINT to mfres alone (the Julia child is in its own session): the chunk finishes, the run
     file says interrupted with the resume command, and the child is gone."""
@@ -420,6 +424,7 @@ def test_ctrl_c_finishes_the_chunk_and_stops_julia(julia: str, tmp_path: Path) -
         assert ds.attrs["status"] == "interrupted" and int(ds.attrs["steps_done"]) >= 1
 
 
+@pytest.mark.slow  # mfres processes, each compiling the kernels once
 def test_sweep_through_julia_equals_numpy(julia: str, tmp_path: Path) -> None:
     """`mfres sweep --backend julia`: each Dask task's batch of seeds on the worker's Julia child."""
     import inspect

@@ -152,6 +152,7 @@ def test_sigkill_at_random_times_then_resume(tmp_path: Path) -> None:
                 np.testing.assert_allclose(final["U"][k].values, ref["U"][j].values, rtol=1e-12)
 
 
+@pytest.mark.slow  # 100 000 steps
 def test_memory_flat_over_100000_steps(tmp_path: Path) -> None:
     """A 100 000-step run: resident memory after 10 000 steps and at the end, measured in the run's process."""
     code = textwrap.dedent(f"""
