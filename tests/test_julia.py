@@ -193,7 +193,8 @@ def test_exe_transport_equals_numpy_every_activation(exe_backends: dict[int, Jul
     assert want.loss[-1] < 0.9 * want.loss[0]  # the run did train
 
 
-@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: a second child
+@pytest.mark.slow  # compiles float32 kernels; 2 threads: a second child
+@pytest.mark.parametrize("threads", [1, 2])
 def test_exe_transport_threads_float32_batches(exe_backends: dict[int, JuliaExeBackend], threads: int) -> None:
     """Above the kernels' parallel threshold (N·M·d ≥ 2^16), in float32, and for a batch of nets
     (one round trip per chunk), the child Julia follows the NumPy backend."""
@@ -427,14 +428,7 @@ def test_ctrl_c_finishes_the_chunk_and_stops_julia(julia: str, tmp_path: Path) -
 @pytest.mark.slow  # mfres processes, each compiling the kernels once
 def test_sweep_through_julia_equals_numpy(julia: str, tmp_path: Path) -> None:
     """`mfres sweep --backend julia`: each Dask task's batch of seeds on the worker's Julia child."""
-    import inspect
-
     import xarray as xr
-
-    from mfres.sweep import run_sweep
-
-    if "backend" not in inspect.signature(run_sweep).parameters:
-        pytest.skip("mfres sweep does not take a backend yet (the sweep helper's part, issue 9)")
 
     args = ["--depth", "4", "--width", "6,12", "--seeds", "3", "--dim", "2", "--samples", "12", "--steps", "30",
             "--ds", "0.2", "--init", "iid", "--workers", "1", "--quiet"]

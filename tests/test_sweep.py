@@ -626,23 +626,6 @@ def test_one_backend_per_worker_reused_across_tasks() -> None:
     assert a["loss"].shape == (2, 4)
 
 
-def test_julia_sweep_equals_numpy(tmp_path: Path) -> None:
-    from mfres.backends import julia_backend, select
-
-    if not julia_backend.usable_without_download():  # (never let a test download Julia)
-        pytest.skip("no Julia backend usable here without downloads")
-    try:
-        select("julia")
-    except Exception as e:  # BackendError, or the Julia process failing to start
-        pytest.skip(f"Julia backend not usable here: {e}")
-    spec = SweepSpec((2, 3), (3, 5), 3, base={"dim": 2, "samples": 8, "steps": 20, "ds": 0.5})
-    run_sweep(spec, str(tmp_path / "n.nc"), scheduler="synchronous", backend="numpy")
-    run_sweep(spec, str(tmp_path / "j.nc"), workers=1, backend="julia")
-    n, j = open_sweep(str(tmp_path / "n.nc")), open_sweep(str(tmp_path / "j.nc"))
-    assert set(j["backend"].values.ravel()) == {"julia"} and j.attrs["backend"] == "julia"
-    np.testing.assert_allclose(j["loss"].values, n["loss"].values, rtol=1e-9, atol=0)
-
-
 def test_describe_and_is_sweep_file(tmp_path: Path, reference: xr.Dataset) -> None:
     out = tmp_path / "s.nc"
     assert drive(out).returncode == 0
