@@ -245,25 +245,38 @@ def analyze(sweep: Any, eps: float = 1e-3, eta: float = 0.1, at_s: float | None 
     ``near_limit``, ``min_width``, ``min_depth``, ``limit``, ...); the text table of
     ``mfres analyze`` is ``mfres.analysis.report(sweep, eps, eta, at_s, n_boot, confidence)``.
     """
-    from . import analysis
-
     with python_errors():
-        if not (eps > 0 and 0 < eta < 1):
-            raise ConfigError("--eps must be positive and --eta in (0, 1)")
-        if isinstance(sweep, str | os.PathLike):
-            sweep = open_sweep(os.fspath(sweep))
+        return run_analysis(sweep, eps, eta, at_s, confidence, n_boot, out)[1]
+
+
+def run_analysis(sweep: Any, eps: float, eta: float, at_s: float | None, confidence: float, n_boot: int,
+                 out: str | None) -> tuple[Any, Any]:
+    """``(sweep, result)``: the checks, the analysis and the ``out`` file shared by ``analyze`` and the CLI
+    (errors worded with the CLI's option names)."""
+    from . import analysis
+    from .sweep import open_sweep as _open_sweep
+
+    if not (eps > 0 and 0 < eta < 1):
+        raise ConfigError("--eps must be positive and --eta in (0, 1)")
+    if not 0 < confidence < 1 or n_boot < 1:
+        raise ConfigError("--confidence must be in (0, 1) and --boot positive")
+    if isinstance(sweep, str | os.PathLike):
+        path = os.fspath(sweep)
+        sweep = _open_sweep(path)
         if "status" not in sweep or "seed" not in sweep.dims:
-            raise ConfigError("not a sweep (made by mfres sweep)")
+            raise ConfigError(f"{path} is not a sweep file (made by mfres sweep)")
+    elif "status" not in sweep or "seed" not in sweep.dims:
+        raise ConfigError("not a sweep (made by mfres sweep)")
+    try:
+        result = analysis.analyze(sweep, eps, eta, at_s, n_boot, confidence)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if out:
         try:
-            result = analysis.analyze(sweep, eps, eta, at_s, n_boot, confidence)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if out:
-            try:
-                result.to_netcdf(out)
-            except (OSError, RuntimeError, ValueError) as e:
-                raise StorageError(f"cannot write {out}: {e}") from None
-        return result
+            result.to_netcdf(out)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise StorageError(f"cannot write {out}: {e}") from None
+    return sweep, result
 
 
 def open_run(path: str, load: bool = False) -> Any:

@@ -322,25 +322,14 @@ def analyze(sweep_file: str, eps: float, eta: float, at_s: float | None, confide
             out: str | None) -> None:
     """Size and time to ε, the theorem's probability, convergence orders and the limit, of a sweep file."""
     from . import analysis
-    from .store import open_run
+    from .api import run_analysis
 
-    if not (eps > 0 and 0 < eta < 1):
-        raise ConfigError("--eps must be positive and --eta in (0, 1)")
-    if not 0 < confidence < 1 or n_boot < 1:
-        raise ConfigError("--confidence must be in (0, 1) and --boot positive")
-    sweep = open_run(sweep_file, load=True)
-    if "status" not in sweep or "seed" not in sweep.dims:
-        raise ConfigError(f"{sweep_file} is not a sweep file (made by mfres sweep)")
+    sweep, result = run_analysis(sweep_file, eps, eta, at_s, confidence, n_boot, out)
     try:
-        result = analysis.analyze(sweep, eps, eta, at_s, n_boot, confidence)
         click.echo(analysis.report(sweep, eps, eta, at_s, n_boot, confidence, result=result))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if out:
-        try:
-            result.to_netcdf(out)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise StorageError(f"cannot write {out}: {e}") from None
         click.echo(f"wrote {out}", err=True)
 
 
