@@ -7,7 +7,7 @@ N=64, 2000 steps, NumPy backend) twice: as shipped (durable points, fsync of eve
 file and folder) and with ``os.fsync`` made a no-op (written, not durable). In the
 durable run the time spent inside the writer (buffering, segments, publishing the
 netCDF file, fsync) is clocked separately: the overhead is that time over the rest
-of the run. Medians are printed; the output is the figure quoted in notes/store.md.
+of the run. Medians are printed; the output is the figure quoted in the README (Durability).
 """
 
 from __future__ import annotations

@@ -71,6 +71,15 @@ def steps_done(path: str) -> int:
         return 0
 
 
+def _given(progress: Progress) -> Any:
+    """A ``progress`` other than ``True``: ``None`` for ``None``/``False``, a callable as it is."""
+    if progress is None or progress is False:
+        return None
+    if not callable(progress):
+        raise ConfigError(f"progress must be True, False, None or a callable, got {progress!r}")
+    return progress
+
+
 @contextlib.contextmanager
 def training_progress(progress: Progress, steps: int, start: int = 0,
                       file: Any = None) -> Iterator[Callable[[int, int, float, float], None] | None]:
@@ -80,13 +89,8 @@ def training_progress(progress: Progress, steps: int, start: int = 0,
     showing steps/s and the current loss; ``None``/``False``: no callback; a callable
     is passed through.
     """
-    if progress is None or progress is False:
-        yield None
-        return
     if progress is not True:
-        if not callable(progress):
-            raise ConfigError(f"progress must be True, False, None or a callable, got {progress!r}")
-        yield progress
+        yield _given(progress)
         return
     from tqdm.auto import tqdm
 
@@ -108,13 +112,8 @@ def sweep_progress(progress: Progress, total: int,
                    file: Any = None) -> Iterator[Callable[[int, int, dict[str, Any]], None] | None]:
     """The ``progress(done, total, info)`` callback for ``sweep.run_sweep``: a ``tqdm.auto``
     bar over the grid points for ``True``; see ``training_progress``."""
-    if progress is None or progress is False:
-        yield None
-        return
     if progress is not True:
-        if not callable(progress):
-            raise ConfigError(f"progress must be True, False, None or a callable, got {progress!r}")
-        yield progress
+        yield _given(progress)
         return
     from tqdm.auto import tqdm
 
