@@ -105,7 +105,7 @@ def flops_per_step(L: int, M: int, d: int, N: int) -> float:
 # --- through the product ----------------------------------------------------------------------
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> float:
+def _timed_command(cmd: list[str], env: dict[str, str]) -> float:
     """Wall seconds of one command; ``Skipped`` with its last error line if it fails."""
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
@@ -122,7 +122,7 @@ def _simulate_seconds(backend: str, size: tuple[int, int, int, int], steps: int,
     cmd = [sys.executable, "-m", "mfres.cli", "simulate", "-L", str(L), "-M", str(M), "-d", str(d), "-N", str(N),
            "--steps", str(steps), "--snapshot-every", str(every), "--ds", "0.1", "--backend", backend, "--quiet",
            "--overwrite", "--out", out]
-    seconds = _timed(cmd, env)
+    seconds = _timed_command(cmd, env)
     return seconds
 
 
@@ -150,7 +150,7 @@ def _sweep_seconds(seeds: int, steps: int, env: dict, folder: str, separate: boo
         cmd += ["--keep-runs", os.path.join(folder, f"runs{steps}")]
     if os.path.exists(out):
         os.remove(out)
-    seconds = _timed(cmd, env)
+    seconds = _timed_command(cmd, env)
     shutil.rmtree(os.path.join(folder, f"runs{steps}"), ignore_errors=True)
     return seconds
 
