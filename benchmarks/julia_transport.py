@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfres.backends import Problem
+from mfres.backends import Problem, blas_environment
 from mfres.backends.julia_exe import JuliaExeBackend, find_executable
 from mfres.config import RunConfig
 from mfres.train import prepare, run
@@ -122,7 +122,8 @@ def main() -> None:
             kern = in_julia
             if args.separate:
                 out = subprocess.run([exe, "-t", str(args.threads), "--startup-file=no", "-e", KERNELS, str(ROOT),
-                                      *map(str, (L, M, d, N, n1, n2))], capture_output=True, text=True, check=True)
+                                      *map(str, (L, M, d, N, n1, n2))], capture_output=True, text=True, check=True,
+                                     env={**os.environ, **blas_environment()})
                 kern = 1e3 * float(out.stdout.split()[-1])
                 print(f"{name}: kernels in a separate Julia {kern:.4f} ms/step, timed inside the server "
                       f"{in_julia:.4f} ms/step")

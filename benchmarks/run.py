@@ -45,6 +45,15 @@ class Skipped(Exception):
     """A contender that cannot run here; the message says why."""
 
 
+def julia_env() -> dict[str, str]:
+    """The environment the product gives its Julia child (the BLAS kernel choice of
+    mfres.backends.blas_environment), so that the kernels are measured as the product runs them."""
+    sys.path.insert(0, str(ROOT / "pyfront"))
+    from mfres.backends import blas_environment
+
+    return {**os.environ, **blas_environment()}
+
+
 def product_env(julia: str | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "pyfront")}
     if julia:
@@ -65,7 +74,7 @@ def julia_run(julia: str, threads: int, size: str, dtype: str, steps: int, repea
     L, M, d, N = SIZES[size]
     res = subprocess.run([julia, "-t", str(threads), "--startup-file=no", f"--project={ROOT}",
                           str(HERE / "julia_bench.jl"), str(L), str(M), str(d), str(N), dtype, str(steps),
-                          str(repeats)], capture_output=True, text=True)
+                          str(repeats)], capture_output=True, text=True, env=julia_env())
     if res.returncode != 0:
         print(f"julia_bench.jl failed:\n{res.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -76,7 +85,7 @@ def julia_run(julia: str, threads: int, size: str, dtype: str, steps: int, repea
 
 def julia_activation_rate(julia: str, threads: int, n: int) -> float | None:
     res = subprocess.run([julia, "-t", str(threads), "--startup-file=no", str(HERE / "julia_act_rate.jl"), str(n)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=julia_env())
     if res.returncode != 0:
         print(f"julia_act_rate.jl failed:\n{res.stderr[-2000:]}", file=sys.stderr)
         return None

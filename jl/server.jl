@@ -19,12 +19,15 @@
 #   gradient ACT ETA WD     E and ∇E of net 1 into gU, gW, gb; "ok E"
 #   device cpu|cuda         where the kernels run (cuda needs CUDA.jl for this Julia)
 #   close                   "ok bye", then exit
+# The first line is "ready VERSION THREADS BLAS" (BLAS: OpenBLAS's kernel set, or "unknown").
 # The server exits at end of input, so it never outlives the pipe from its parent.
 
 include(joinpath(@__DIR__, "MFRes.jl"))
 
 module Server
 
+using LinearAlgebra
+using Libdl
 using Mmap
 import ..MFRes
 
@@ -150,6 +153,22 @@ end
 const HANDLERS = Dict{String,Function}("layout" => layout, "advance" => advance, "gradient" => gradient,
                                        "warmup" => warmup, "device" => device)
 
+# The OpenBLAS kernel set in use ("Haswell", "Prescott", ...), or "unknown": Julia 1.5
+# calls OpenBLAS directly, later versions through libblastrampoline.
+function blas_core()
+    names = String[Base.libblas_name]
+    if isdefined(LinearAlgebra.BLAS, :get_config)
+        append!(names, [lib.libname for lib in Base.invokelatest(LinearAlgebra.BLAS.get_config).loaded_libs])
+    end
+    for name in names, sym in (:openblas_get_corename64_, :openblas_get_corename)
+        handle = Libdl.dlopen(name, throw_error = false)
+        handle === nothing && continue
+        f = Libdl.dlsym(handle, sym, throw_error = false)
+        f === nothing || return unsafe_string(ccall(f, Cstring, ()))
+    end
+    return "unknown"
+end
+
 one_line(s) = replace(strip(s), r"\s*\n\s*" => " | ")
 
 function respond(out::IO, line::AbstractString)
@@ -158,7 +177,7 @@ function respond(out::IO, line::AbstractString)
 end
 
 function serve(input::IO = stdin, out::IO = stdout)
-    respond(out, "ready $(VERSION) $(Threads.nthreads())")
+    respond(out, "ready $(VERSION) $(Threads.nthreads()) $(blas_core())")
     while !eof(input)
         words = split(readline(input))
         isempty(words) && continue

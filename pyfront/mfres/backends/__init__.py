@@ -90,6 +90,36 @@ class Backend(Protocol):
 TRANSPORT_VARIABLE = "MFRES_JULIA_TRANSPORT"
 
 
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (Linux; empty where unknown)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def blas_environment(flags: set[str] | None = None) -> dict[str, str]:
+    """``OPENBLAS_CORETYPE`` for a Julia about to start, where its OpenBLAS would choose badly.
+
+    OpenBLAS picks its kernels from the CPU model, and an OpenBLAS older than the CPU
+    (Julia 1.5's 0.3.9 on AMD Zen 3, for one) falls back to SSE3 ("Prescott") kernels,
+    3-6x slower than its AVX2 ones. On a CPU with AVX2 and FMA but no AVX-512 the AVX2
+    ("Haswell") kernels are what any OpenBLAS that knows the CPU would choose, so naming
+    them is never worse. Empty when the user has set ``OPENBLAS_CORETYPE`` or the CPU has
+    AVX-512 (left to OpenBLAS). Like any change of BLAS, it can change the last bits of E.
+    """
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        return {}
+    flags = cpu_flags() if flags is None else flags
+    if {"avx2", "fma"} <= flags and "avx512f" not in flags:
+        return {"OPENBLAS_CORETYPE": "Haswell"}
+    return {}
+
+
 def julia_transport() -> str | None:
     """How ``--backend julia`` reaches Julia here, without starting it or downloading anything:
     ``"juliacall"`` where juliacall can start without downloads, else ``"executable"`` where a

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..model import Particles
-from . import Problem, Trajectory, kernel_memory
+from . import Problem, Trajectory, blas_environment, kernel_memory
 
 MIN_JULIA = (1, 10, 3)
 EXCLUDED_JULIA = {(1, 10, 1), (1, 10, 2)}
@@ -194,6 +194,7 @@ def start_julia(threads: int | None = None, device: str = "cpu") -> Any:
                           "started Julia, so its thread count is already fixed", stacklevel=2)
     else:
         os.environ.update(juliacall_environment(threads))
+    os.environ.update(blas_environment())  # read when Julia loads its BLAS, after this
     source = julia_source_dir()
     t0 = time.perf_counter()
     try:

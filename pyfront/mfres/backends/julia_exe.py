@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..model import Particles
-from . import Problem, Trajectory, kernel_memory
+from . import Problem, Trajectory, blas_environment, kernel_memory
 
 MIN_VERSION = (1, 5, 0)
 ALIGN = 64
@@ -269,7 +269,8 @@ class JuliaExeBackend:
         t0 = time.perf_counter()
         try:
             self.proc = _popen(args=argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                               start_new_session=True, preexec_fn=_pdeathsig(), close_fds=True)
+                               env={**os.environ, **blas_environment()}, start_new_session=True,
+                               preexec_fn=_pdeathsig(), close_fds=True)
         except OSError as e:
             raise BackendError(f"cannot start Julia ({exe}): {e}") from None
         self.pid = self.proc.pid
@@ -277,6 +278,7 @@ class JuliaExeBackend:
         try:
             words = self._read_reply("ready", "starting")
             self.version, self.threads = words[0], int(words[1])
+            self.blas = words[2] if len(words) > 2 else "unknown"
             self.startup_seconds = time.perf_counter() - t0
             if threads and self.threads != threads:
                 raise BackendError(f"Julia started with {self.threads} threads, not the {threads} asked for")
@@ -409,7 +411,8 @@ class JuliaExeBackend:
 
     def describe(self) -> str:
         return (f"Julia {self.version} at {self.exe} (executable transport, pid {self.pid}), "
-                f"{self.threads} thread(s) from {self.threads_from}, start-up {self.startup_seconds:.1f} s")
+                f"{self.threads} thread(s) from {self.threads_from}, BLAS {self.blas}, "
+                f"start-up {self.startup_seconds:.1f} s")
 
     def close(self) -> None:
         """Stop the child (asks it to exit, then kills it after a few seconds)."""
