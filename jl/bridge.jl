@@ -53,23 +53,30 @@ end
 
 """
     advance_nets(Us, Ws, bs, X, y, a, Δs, nsteps, activation, eta, weight_decay, losses, norms;
-                 stop_nonfinite = false, memory = "store") -> k
+                 stop_nonfinite = false, memory = "store", predictions = nothing) -> k
 
 A batch of nets on the same data: net `j` (θ = `Us[j], Ws[j], bs[j]`, mutated in place)
 advances by `nsteps` GD steps, writing its E and RMS velocities into `losses[1:k, j]`,
 `norms[1:k, j]`. The nets run one after the other on one cached workspace. With
 `stop_nonfinite` (meant for one net) a net stops at its first non-finite E and `k` is
 the number of values written for the last net; otherwise `k = nsteps + 1`.
+`predictions` (an `N × B` matrix, or `nothing`) receives each net's output a·z_L(x_i)
+at its last state, from the forward pass that gave its last E.
 """
 function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activation::AbstractString, eta::Real,
                       weight_decay::Real, losses::AbstractMatrix{Float64}, norms::AbstractMatrix{Float64};
-                      stop_nonfinite::Bool = false, memory::AbstractString = "store")
+                      stop_nonfinite::Bool = false, memory::AbstractString = "store",
+                      predictions::Union{Nothing,AbstractMatrix} = nothing)
     σ = MFRes.activation(Symbol(activation); eta = eta)
     k = nsteps + 1
     for j in eachindex(Us)
         ws = cached_workspace(Us[j], X, memory)
         k = gd!(ws, Us[j], Ws[j], bs[j], X, y, a, Δs, nsteps, σ; weight_decay = weight_decay,
                 losses = view(losses, :, j), norms = view(norms, :, j), stop_nonfinite = stop_nonfinite)
+        if predictions !== nothing
+            zL = view(ws.Z, :, :, size(ws.Z, 3))
+            copyto!(view(predictions, :, j), host_array(transpose(zL) * a))
+        end
     end
     return k
 end

@@ -48,32 +48,39 @@ function in_parallel(f, ws::Workspace, nitems::Integer, work::Integer)
 end
 
 # S[:, i, ls] = σ(S[:, i, ls] + b[:, l]) (S holds W_lᵀ z on entry) and D = σ′ likewise,
-# for the samples `cols`; D === nothing: the value only.
-# (`ivdep`: S, D and b are distinct arrays, which lets the loop vectorise.)
+# for the samples `cols`; D === nothing: the value only. The bias is added in a pass of
+# its own, so that σ runs as one flat loop over the chunk's contiguous block of S: LLVM
+# interleaves a flat loop's iterations and hides the latency of σ's long dependency
+# chain, which it does not do for a loop nested in the sample loop (measured 1.3-1.6x).
+# (`ivdep`: S, D and b are distinct arrays, which lets the loops vectorise.)
 function activate!(S::Array{T,3}, D::Array{T,3}, ls, b, l, σ::Activation, cols) where {T}
-    M = size(S, 1)
-    @inbounds for i in cols
-        o = M * ((ls - 1) * size(S, 2) + i - 1)
-        ob = M * (l - 1)
-        @simd ivdep for m in 1:M
-            s, ds = value_and_derivative(σ, S[o + m] + b[ob + m])
-            S[o + m] = s
-            D[o + m] = ds
-        end
+    @inbounds @simd ivdep for k in add_bias!(S, ls, b, l, cols)
+        s, ds = value_and_derivative(σ, S[k])
+        S[k] = s
+        D[k] = ds
     end
     return nothing
 end
 
 function activate!(S::Array{T,3}, ::Nothing, ls, b, l, σ::Activation, cols) where {T}
-    M = size(S, 1)
-    @inbounds for i in cols
-        o = M * ((ls - 1) * size(S, 2) + i - 1)
-        ob = M * (l - 1)
-        @simd ivdep for m in 1:M
-            S[o + m] = value_and_derivative(σ, S[o + m] + b[ob + m])[1]
-        end
+    @inbounds @simd ivdep for k in add_bias!(S, ls, b, l, cols)
+        S[k] = value_and_derivative(σ, S[k])[1]
     end
     return nothing
+end
+
+# S[:, cols, ls] .+= b[:, l]; returns the linear indices of that block of S.
+function add_bias!(S::Array{T,3}, ls, b, l, cols) where {T}
+    M = size(S, 1)
+    ob = M * (l - 1)
+    @inbounds for i in cols
+        o = M * ((ls - 1) * size(S, 2) + i - 1)
+        @simd ivdep for m in 1:M
+            S[o + m] += b[ob + m]
+        end
+    end
+    first_col = M * ((ls - 1) * size(S, 2) + first(cols) - 1)
+    return (first_col + 1):(first_col + M * length(cols))
 end
 
 # The slot of layer l in S and D: its own in :store mode, the single one in :recompute.

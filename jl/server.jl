@@ -10,9 +10,10 @@
 # same bytes, so θ (B, L, M, d) is seen as B arrays U :: (d, M, L), MFRes's layout.
 #
 # Requests:
-#   layout PATH T L M d N B CAP oU oW ob ogU ogW ogb ox oy oa oloss onorm
+#   layout PATH T L M d N B CAP oU oW ob ogU ogW ogb ox oy oa oloss onorm opred
 #       map the file (T = float64 | float32; o* are byte offsets; B = 0 for one net);
-#       losses and norms are (B, CAP + 1) Float64 in C order
+#       losses and norms are (B, CAP + 1) Float64 in C order, the nets' outputs at their
+#       last state (B, N) in T
 #   warmup T ACT ETA        compile for one element type and activation (tiny problem)
 #   advance N DS ACT ETA WD advance every net by N steps; "ok K S": K values per net,
 #                           S seconds in the kernels
@@ -43,6 +44,7 @@ mutable struct Maps
     a::Any
     losses::Matrix{Float64}
     norms::Matrix{Float64}
+    pred::Any
     single::Bool
 end
 
@@ -56,7 +58,7 @@ function layout(words)
     path = words[1]
     T = eltype_of(words[2])
     L, M, d, N, B, cap = (parse(Int, w) for w in words[3:8])
-    oU, oW, ob, ogU, ogW, ogb, ox, oy, oa, oloss, onorm = (parse(Int, w) for w in words[9:19])
+    oU, oW, ob, ogU, ogW, ogb, ox, oy, oa, oloss, onorm, opred = (parse(Int, w) for w in words[9:20])
     nets = max(B, 1)
     s = sizeof(T)
     io = open(path, "r+")
@@ -70,7 +72,8 @@ function layout(words)
                     Mmap.mmap(io, Array{T,2}, (d, N), ox), Mmap.mmap(io, Array{T,1}, (N,), oy),
                     Mmap.mmap(io, Array{T,1}, (d,), oa),
                     Mmap.mmap(io, Matrix{Float64}, (cap + 1, nets), oloss),
-                    Mmap.mmap(io, Matrix{Float64}, (cap + 1, nets), onorm), B == 0)
+                    Mmap.mmap(io, Matrix{Float64}, (cap + 1, nets), onorm),
+                    Mmap.mmap(io, Matrix{T}, (N, nets), opred), B == 0)
         MAPS[] = maps
     finally
         close(io)  # the mappings stay valid after the file is closed (and unlinked)
@@ -97,7 +100,7 @@ function advance(words)
     t0 = time_ns()
     k = Base.invokelatest(MFRes.advance_nets, Us, Ws, bs, X, y, a, Δs, n, act, eta, wd,
                           view(m.losses, 1:n+1, :), view(m.norms, 1:n+1, :); stop_nonfinite = m.single,
-                          memory = memory)
+                          memory = memory, predictions = m.pred)
     seconds = (time_ns() - t0) / 1e9
     foreach(back!, m.U, Us)
     foreach(back!, m.W, Ws)

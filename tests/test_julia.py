@@ -193,6 +193,23 @@ def test_exe_transport_equals_numpy_every_activation(exe_backends: dict[int, Jul
     assert want.loss[-1] < 0.9 * want.loss[0]  # the run did train
 
 
+def test_exe_transport_returns_the_output_at_the_last_state(exe_backends: dict[int, JuliaExeBackend]) -> None:
+    """The nets' outputs a·z_L that come back with a chunk (for the snapshots) are those of the
+    state each net stopped at: one net, and a batch."""
+    from mfres import model
+
+    jl = _backend(exe_backends, 1)
+    theta, prob = _problem("tanh", 5, 12, 3, 24, 0.01, "float64", init="smooth")
+    traj = jl.advance(theta, prob, 0.2, 7)
+    assert traj.prediction is not None and traj.prediction.shape == (24,)
+    np.testing.assert_allclose(traj.prediction, model.predict(theta, prob.x, prob.a, prob.activation), rtol=1e-12)
+    nets = [_problem("tanh", 5, 12, 3, 24, 0.01, "float64", seed=s)[0] for s in (3, 4)]
+    batch = Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
+    traj = jl.advance(batch, prob, 0.2, 4)
+    assert traj.prediction.shape == (2, 24)
+    np.testing.assert_allclose(traj.prediction, model.predict(batch, prob.x, prob.a, prob.activation), rtol=1e-12)
+
+
 @pytest.mark.slow  # compiles float32 kernels; 2 threads: a second child
 @pytest.mark.parametrize("threads", [1, 2])
 def test_exe_transport_threads_float32_batches(exe_backends: dict[int, JuliaExeBackend], threads: int) -> None:

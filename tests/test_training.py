@@ -123,6 +123,27 @@ def test_batch_of_nets_equals_separate_runs() -> None:
         np.testing.assert_allclose(batch.U[j], t.U, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_trajectory_returns_the_output_at_its_last_state(threads: int) -> None:
+    """The output a·z_L the backend hands to the snapshots is the net's at the state it stopped
+    at (a separate forward pass, one net and a batch), above the threaded size too."""
+    for L, M, d, N in ((4, 6, 3, 8), (8, 64, 4, 600)):
+        theta, prob = setup(L=L, M=M, d=d, N=N, act="gelu", wd=0.01)
+        traj = NumpyBackend(threads=threads).advance(theta, prob, 0.3, 5)
+        want = model.predict(theta, prob.x, prob.a, prob.activation)
+        assert traj.prediction is not None and traj.prediction.dtype == theta.U.dtype
+        np.testing.assert_allclose(traj.prediction, want, rtol=1e-13, atol=1e-15)
+        r = traj.prediction - prob.y  # and it is the output whose residual gave the last E
+        E = 0.5 * np.mean(r**2) + model.decay_term(theta, 0.01)
+        assert E == pytest.approx(traj.loss[-1], rel=1e-13)
+    nets = [setup(L=5, M=7, d=3, N=9, scheme=s)[0] for s in ("iid", "smooth")]
+    batch = model.Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
+    traj = NumpyBackend(threads=threads).advance(batch, prob := setup(L=5, M=7, d=3, N=9)[1], 0.4, 3)
+    assert traj.prediction.shape == (2, 9)
+    np.testing.assert_allclose(traj.prediction, model.predict(batch, prob.x, prob.a, prob.activation),
+                               rtol=1e-13, atol=1e-15)
+
+
 def test_batch_keeps_going_when_one_member_diverges() -> None:
     good, prob = setup(L=2, M=3, d=2, N=4, wd=10.0)
     bad = good.copy()

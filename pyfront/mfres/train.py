@@ -23,7 +23,7 @@ import numpy as np
 
 from . import data as data_mod
 from . import health, model
-from .backends import Backend, Problem, select
+from .backends import Backend, Problem, Trajectory, select
 from .config import RunConfig
 from .errors import ConfigError, RunStopped, StorageError
 from .init import initial_particles
@@ -166,9 +166,12 @@ def run(config: RunConfig, out: str, *, backend: Backend | None = None, command:
     return result
 
 
-def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem) -> None:
-    with np.errstate(all="ignore"):
-        pred = model.predict(theta, problem.x, problem.a, problem.activation)
+def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem, traj: Trajectory | None) -> None:
+    """Snapshot θ with the net's output: from the backend's last forward pass when ``traj`` ended at θ."""
+    pred = None if traj is None else traj.prediction
+    if pred is None:
+        with np.errstate(all="ignore"):
+            pred = model.predict(theta, problem.x, problem.a, problem.activation)
     writer.write_snapshot(step, theta, pred)
 
 
@@ -183,6 +186,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
     steps, every = config.steps, config.snapshot_every
     assert every is not None
     step = writer.start_step
+    traj: Trajectory | None = None  # the last chunk, which ended at θ
     if writer.start_state is not None:
         theta = writer.start_state
         e0 = writer.e0
@@ -190,7 +194,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         traj = backend.advance(theta, problem, config.ds, 0)
         e0 = float(traj.loss[0])
         writer.write_steps(0, traj.loss, traj.grad_norm)
-        _snapshot(writer, 0, theta, problem)
+        _snapshot(writer, 0, theta, problem, traj)
         if not np.isfinite(e0):
             msg = (f"diverged: E is not finite at step 0 (E = {e0}): the data or --init-scale are too large "
                    f"for this net; the file keeps that step")
@@ -217,7 +221,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         if progress is not None:
             progress(step, steps, last_loss, rate)
         if step == steps or step % every == 0:
-            _snapshot(writer, step, theta, problem)
+            _snapshot(writer, step, theta, problem, traj)
         if step < steps and stop.signal is None and writer.due():
             writer.commit(step, theta)
     if step == steps and stop.signal is None:
@@ -225,7 +229,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
     else:
         name = signal.Signals(stop.signal).name if stop.signal is not None else "a signal"
         if step % every and step != steps:
-            _snapshot(writer, step, theta, problem)
+            _snapshot(writer, step, theta, problem, traj)
         status = "interrupted"
         msg = (f"interrupted by {name} at step {step} of {steps}; {writer.path} holds every step up to it; "
                f"to continue: {_again(command)}")
@@ -249,9 +253,8 @@ def _diverged(config: RunConfig, writer: RunWriter, backend: Backend, problem: P
     keep = k + 1 if finite else k
     writer.write_steps(step, traj.loss[:keep], traj.grad_norm[:keep])
     last = step + keep - 1
-    if keep > 1:
-        backend.advance(theta, problem, config.ds, keep - 1)  # replay up to the last kept state
-    _snapshot(writer, last, theta, problem)
+    replay = backend.advance(theta, problem, config.ds, keep - 1) if keep > 1 else None  # to the last kept state
+    _snapshot(writer, last, theta, problem, replay)
     s_bad = (step + k) * config.ds
     if finite:
         what = (f"E = {value:.3g} exceeds {health.RUNAWAY_FACTOR:g}·E(0) = {health.RUNAWAY_FACTOR * e0:.3g} "

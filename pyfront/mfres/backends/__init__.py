@@ -7,7 +7,9 @@ A backend evaluates E and ∇E and advances θ by GD steps; everything above it
 steps ``θ ← θ − Δs L M ∇E`` and returns a ``Trajectory`` of the n + 1 values of
 E (before each step and after the last) and the RMS particle velocity at the same
 points. It stops early at the first non-finite E: the trajectory then ends with
-that value and ``theta`` is the state that produced it. A batch of nets (particles
+that value and ``theta`` is the state that produced it. It also returns the net's
+output at the last iterate (``Trajectory.prediction``), which the snapshots record.
+A batch of nets (particles
 with a leading axis B) advances every net by n steps (E and velocities of shape
 (n + 1, B)) and never stops early.
 
@@ -50,10 +52,16 @@ class Problem:
 
 @dataclass(frozen=True)
 class Trajectory:
-    """E and the RMS particle velocity |dθ/ds| at n + 1 consecutive GD iterates (float64)."""
+    """E and the RMS particle velocity |dθ/ds| at n + 1 consecutive GD iterates (float64).
+
+    ``prediction``: the net's output a·z_L(x_i) at the last iterate, (N,) or (B, N) in θ's
+    dtype, from the forward pass that gave the last E (``None`` where a backend does not
+    return it; the caller then runs a forward pass of its own).
+    """
 
     loss: np.ndarray
     grad_norm: np.ndarray
+    prediction: np.ndarray | None = None
 
     @property
     def finite(self) -> bool:

@@ -177,7 +177,7 @@ def shm_dir() -> str:
 
 
 class _Shared:
-    """The shared file: one memmap holding θ (with a batch axis), ∇E, the data, the losses."""
+    """The shared file: one memmap holding θ (with a batch axis), ∇E, the data, the losses, the outputs."""
 
     def __init__(self, dtype: np.dtype, L: int, M: int, d: int, N: int, B: int, cap: int) -> None:
         self.dtype, self.B, self.cap = np.dtype(dtype), B, cap
@@ -187,6 +187,7 @@ class _Shared:
             "gU": ((L, M, d), self.dtype), "gW": ((L, M, d), self.dtype), "gb": ((L, M), self.dtype),
             "x": ((N, d), self.dtype), "y": ((N,), self.dtype), "a": ((d,), self.dtype),
             "loss": ((nets, cap + 1), np.dtype(np.float64)), "norm": ((nets, cap + 1), np.dtype(np.float64)),
+            "pred": ((nets, N), self.dtype),
         }
         self.offsets: dict[str, int] = {}
         size = 0
@@ -208,7 +209,8 @@ class _Shared:
     def request(self) -> str:
         L, M, d, N = self.sizes
         t = "float64" if self.dtype == np.float64 else "float32"
-        offs = " ".join(str(self.offsets[k]) for k in ("U", "W", "b", "gU", "gW", "gb", "x", "y", "a", "loss", "norm"))
+        names = ("U", "W", "b", "gU", "gW", "gb", "x", "y", "a", "loss", "norm", "pred")
+        offs = " ".join(str(self.offsets[k]) for k in names)
         return f"layout {self.path} {t} {L} {M} {d} {N} {self.B} {self.cap} {offs}"
 
     def fits(self, dtype: np.dtype, L: int, M: int, d: int, N: int, B: int, n: int) -> bool:
@@ -397,9 +399,10 @@ class JuliaExeBackend:
         tb.b[...] = sh.arrays["b"]
         loss = sh.arrays["loss"][:, :k].T.copy()
         norm = sh.arrays["norm"][:, :k].T.copy()
+        pred = sh.arrays["pred"].copy()
         if not theta.batch:
-            loss, norm = loss[:, 0], norm[:, 0]
-        return Trajectory(loss, norm)
+            loss, norm, pred = loss[:, 0], norm[:, 0], pred[0]
+        return Trajectory(loss, norm, pred)
 
     def loss_and_grad(self, theta: Particles, problem: Problem) -> tuple[float, Particles]:
         """E(θ) and ∇E for one net."""

@@ -106,6 +106,8 @@ class NumpyBackend:
                 losses[k] = E
                 norms[k] = model.velocity_rms(grad)
                 if k == n or (not theta.batch and not np.isfinite(E)):
-                    return Trajectory(losses[: k + 1], norms[: k + 1])
+                    zL = work.Z[theta.shape[0], ..., : theta.shape[2]]  # the last forward pass's z_L
+                    pred = zL @ problem.a.astype(theta.U.dtype)
+                    return Trajectory(losses[: k + 1], norms[: k + 1], pred if theta.batch else pred[0])
                 model.gd_step(theta, grad, ds)
         raise AssertionError("unreachable")
