@@ -53,7 +53,7 @@ end
 
 """
     advance_nets(Us, Ws, bs, X, y, a, Δs, nsteps, activation, eta, weight_decay, losses, norms;
-                 stop_nonfinite = false, memory = "store", predictions = nothing) -> k
+                 stop_nonfinite = false, memory = "store", predictions = nothing, start = nothing) -> k
 
 A batch of nets on the same data: net `j` (θ = `Us[j], Ws[j], bs[j]`, mutated in place)
 advances by `nsteps` GD steps, writing its E and RMS velocities into `losses[1:k, j]`,
@@ -61,18 +61,23 @@ advances by `nsteps` GD steps, writing its E and RMS velocities into `losses[1:k
 `stop_nonfinite` (meant for one net) a net stops at its first non-finite E and `k` is
 the number of values written for the last net; otherwise `k = nsteps + 1`.
 `predictions` (an `N × B` matrix, or `nothing`) receives each net's output a·z_L(x_i)
-at its last state, from the forward pass that gave its last E.
+at its last state, from the forward pass that gave its last E. `start = (E, v)` (one
+net only): the cached workspace holds ∇E at this θ, from the end of the previous call
+(see `gd!`).
 """
 function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activation::AbstractString, eta::Real,
                       weight_decay::Real, losses::AbstractMatrix{Float64}, norms::AbstractMatrix{Float64};
                       stop_nonfinite::Bool = false, memory::AbstractString = "store",
-                      predictions::Union{Nothing,AbstractMatrix} = nothing)
+                      predictions::Union{Nothing,AbstractMatrix} = nothing,
+                      start::Union{Nothing,Tuple{Float64,Float64}} = nothing)
     σ = MFRes.activation(Symbol(activation); eta = eta)
+    start === nothing || length(Us) == 1 || throw(ArgumentError("start is for one net"))
     k = nsteps + 1
     for j in eachindex(Us)
         ws = cached_workspace(Us[j], X, memory)
         k = gd!(ws, Us[j], Ws[j], bs[j], X, y, a, Δs, nsteps, σ; weight_decay = weight_decay,
-                losses = view(losses, :, j), norms = view(norms, :, j), stop_nonfinite = stop_nonfinite)
+                losses = view(losses, :, j), norms = view(norms, :, j), stop_nonfinite = stop_nonfinite,
+                start = start)
         if predictions !== nothing
             zL = view(ws.Z, :, :, size(ws.Z, 3))
             copyto!(view(predictions, :, j), host_array(transpose(zL) * a))

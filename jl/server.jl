@@ -15,8 +15,11 @@
 #       losses and norms are (B, CAP + 1) Float64 in C order, the nets' outputs at their
 #       last state (B, N) in T
 #   warmup T ACT ETA        compile for one element type and activation (tiny problem)
-#   advance N DS ACT ETA WD advance every net by N steps; "ok K S": K values per net,
-#                           S seconds in the kernels
+#   advance N DS ACT ETA WD MEM [continue]
+#                           advance every net by N steps; "ok K S C": K values per net,
+#                           S seconds in the kernels; "continue" (one net): θ is where the
+#                           last advance left it, so its ∇E is still in the workspace and
+#                           the first evaluation is skipped (C = 1 when that happened)
 #   gradient ACT ETA WD     E and ∇E of net 1 into gU, gW, gb; "ok E"
 #   device cpu|cuda         where the kernels run (cuda needs CUDA.jl for this Julia)
 #   close                   "ok bye", then exit
@@ -88,30 +91,44 @@ maps() = MAPS[] === nothing ? error("no shared arrays mapped yet (send layout fi
 on_device(x) = DEVICE[] == "cpu" ? x : Base.invokelatest(MFRes.to_device, x, DEVICE[])
 back!(dst, src) = dst === src ? dst : copyto!(dst, Base.invokelatest(MFRes.host_array, src))
 
+# (E, velocity, (activation, eta, λ, memory)) of the single net where the last `advance`
+# left it, while the cached workspace still holds ∇E there; any other request clears it
+# (see `serve`).
+const LAST = Ref{Any}(nothing)
+
 function advance(words)
     m = maps()
     n = parse(Int, words[1])
     Δs = parse(Float64, words[2])
-    act, eta, wd = words[3], parse(Float64, words[4]), parse(Float64, words[5])
-    memory = length(words) >= 6 ? words[6] : "store"
+    # Strings, not the SubStrings of `split`: the types `warmup` compiled for
+    act, eta, wd = String(words[3]), parse(Float64, words[4]), parse(Float64, words[5])
+    memory = length(words) >= 6 ? String(words[6]) : "store"
+    key = (act, eta, wd, memory)
+    last = LAST[]
+    LAST[] = nothing
+    start = length(words) >= 7 && words[7] == "continue" && m.single && last !== nothing && last[3] == key ?
+            (last[1], last[2]) : nothing
     n + 1 <= size(m.losses, 1) || error("$n steps do not fit the shared loss buffer ($(size(m.losses, 1) - 1))")
     X, y, a = on_device(m.X), on_device(m.y), on_device(m.a)
     Us, Ws, bs = map(on_device, m.U), map(on_device, m.W), map(on_device, m.b)
     t0 = time_ns()
     k = Base.invokelatest(MFRes.advance_nets, Us, Ws, bs, X, y, a, Δs, n, act, eta, wd,
                           view(m.losses, 1:n+1, :), view(m.norms, 1:n+1, :); stop_nonfinite = m.single,
-                          memory = memory, predictions = m.pred)
+                          memory = memory, predictions = m.pred, start = start)
     seconds = (time_ns() - t0) / 1e9
     foreach(back!, m.U, Us)
     foreach(back!, m.W, Ws)
     foreach(back!, m.b, bs)
-    return "ok $k $seconds"
+    if m.single && k == n + 1
+        LAST[] = (m.losses[k, 1], m.norms[k, 1], key)
+    end
+    return "ok $k $seconds $(start === nothing ? 0 : 1)"
 end
 
 function gradient(words)
     m = maps()
-    act, eta, wd = words[1], parse(Float64, words[2]), parse(Float64, words[3])
-    memory = length(words) >= 4 ? words[4] : "store"
+    act, eta, wd = String(words[1]), parse(Float64, words[2]), parse(Float64, words[3])
+    memory = length(words) >= 4 ? String(words[4]) : "store"
     E, gU, gW, gb = Base.invokelatest(MFRes.gradient, on_device(m.U[1]), on_device(m.W[1]), on_device(m.b[1]),
                                       on_device(m.X), on_device(m.y), on_device(m.a), act, eta, wd;
                                       memory = memory)
@@ -125,13 +142,19 @@ end
 # that the first chunk's time is the kernels' and start-up is measured apart.
 function warmup(words)
     T = eltype_of(words[1])
-    act, eta = words[2], parse(Float64, words[3])
+    act, eta = String(words[2]), parse(Float64, words[3])
     d, M, L, N = 2, 3, 2, 4
     U, W, b = fill(T(0.1), d, M, L), fill(T(-0.2), d, M, L), fill(T(0.05), M, L)
     X, y, a = fill(T(0.3), d, N), fill(T(0.5), N), fill(T(1), d)
-    losses, norms = zeros(2, 1), zeros(2, 1)
-    Base.invokelatest(MFRes.advance_nets, Any[U], Any[W], Any[b], X, y, a, 0.01, 1, act, eta, 0.0,
-                      view(losses, :, :), view(norms, :, :); stop_nonfinite = true)
+    losses, norms, pred = zeros(2, 1), zeros(2, 1), zeros(T, N, 1)
+    # the argument types of `advance`'s call (its `map`s give concretely typed vectors),
+    # starting afresh and from a previous chunk
+    Us, Ws, bs = map(on_device, Any[U]), map(on_device, Any[W]), map(on_device, Any[b])
+    for start in (nothing, (0.0, 0.0))
+        Base.invokelatest(MFRes.advance_nets, Us, Ws, bs, X, y, a, 0.01, 1, act, eta, 0.0,
+                          view(losses, 1:2, :), view(norms, 1:2, :); stop_nonfinite = true, memory = "store",
+                          predictions = pred, start = start)
+    end
     Base.invokelatest(MFRes.gradient, U, W, b, X, y, a, act, eta, 0.0)
     return "ok"
 end
@@ -189,6 +212,7 @@ function serve(input::IO = stdin, out::IO = stdout)
             respond(out, "ok bye")
             return
         end
+        cmd == "advance" || (LAST[] = nothing)
         reply = try
             haskey(HANDLERS, cmd) || error("unknown request $cmd")
             HANDLERS[cmd](words[2:end])

@@ -210,6 +210,29 @@ def test_exe_transport_returns_the_output_at_the_last_state(exe_backends: dict[i
     np.testing.assert_allclose(traj.prediction, model.predict(batch, prob.x, prob.a, prob.activation), rtol=1e-12)
 
 
+def test_exe_chunks_that_continue_reuse_the_gradient_with_the_same_numbers(
+        exe_backends: dict[int, JuliaExeBackend]) -> None:
+    """In the child too, chunks of 3 + 4 + 5 steps equal one chunk of 12 bit for bit, the later
+    ones starting from the ∇E the previous chunk left; a changed θ starts afresh."""
+    jl = _backend(exe_backends, 1)
+    theta, prob = _problem("tanh", 5, 12, 3, 24, 0.01, "float64", init="smooth")
+    ref = theta.copy()
+    whole = jl.advance(ref, prob, 0.2, 12)
+    parts = []
+    for n, cont in ((3, False), (4, True), (5, True)):
+        parts.append(jl.advance(theta, prob, 0.2, n))
+        assert jl.continued is cont
+    np.testing.assert_array_equal(np.concatenate([parts[0].loss, *(p.loss[1:] for p in parts[1:])]), whole.loss)
+    for v in "UWb":
+        np.testing.assert_array_equal(getattr(theta, v), getattr(ref, v))
+    theta.W[1, 2, 0] -= 1e-3
+    jl.advance(theta, prob, 0.2, 1)
+    assert not jl.continued
+    jl.loss_and_grad(theta, prob)  # another request: the server forgets its ∇E
+    jl.advance(theta, prob, 0.2, 1)
+    assert not jl.continued
+
+
 @pytest.mark.slow  # compiles float32 kernels; 2 threads: a second child
 @pytest.mark.parametrize("threads", [1, 2])
 def test_exe_transport_threads_float32_batches(exe_backends: dict[int, JuliaExeBackend], threads: int) -> None:

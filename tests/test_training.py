@@ -144,6 +144,30 @@ def test_trajectory_returns_the_output_at_its_last_state(threads: int) -> None:
                                rtol=1e-13, atol=1e-15)
 
 
+def test_a_chunk_that_continues_the_last_reuses_its_gradient_with_the_same_numbers() -> None:
+    """Chunks of 3 + 4 + 5 steps give bit for bit the E, velocities and θ of one chunk of 12; the
+    later chunks start from the previous chunk's last ∇E, and a changed θ or new data do not."""
+    theta, prob = setup(L=5, M=7, d=3, N=9, act="softplus", wd=0.01)
+    ref = theta.copy()
+    whole = NumpyBackend().advance(ref, prob, 0.3, 12)
+    be = NumpyBackend()
+    parts = []
+    for n, cont in ((3, False), (4, True), (5, True)):
+        parts.append(be.advance(theta, prob, 0.3, n))
+        assert be.continued is cont
+    np.testing.assert_array_equal(np.concatenate([parts[0].loss, *(p.loss[1:] for p in parts[1:])]), whole.loss)
+    np.testing.assert_array_equal(np.concatenate([parts[0].grad_norm, *(p.grad_norm[1:] for p in parts[1:])]),
+                                  whole.grad_norm)
+    for v in "UWb":
+        np.testing.assert_array_equal(getattr(theta, v), getattr(ref, v))
+    theta.U[0, 0, 0] += 1e-3
+    moved = be.advance(theta, prob, 0.3, 1)
+    assert not be.continued and moved.loss[0] != whole.loss[-1]
+    _, other = setup(L=5, M=7, d=3, N=9, act="softplus", wd=0.01)  # equal data, another Problem
+    be.advance(theta, other, 0.3, 1)
+    assert not be.continued
+
+
 def test_batch_keeps_going_when_one_member_diverges() -> None:
     good, prob = setup(L=2, M=3, d=2, N=4, wd=10.0)
     bad = good.copy()

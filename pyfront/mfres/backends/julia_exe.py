@@ -245,7 +245,8 @@ class JuliaExeBackend:
     ``threads_from`` (--threads, JULIA_NUM_THREADS or all cores), ``pid``, and
     ``startup_seconds``: Julia's start plus compilation, accumulated (the first
     chunk of each dtype and activation compiles the kernels once), and
-    ``kernel_seconds``: the time the last ``advance`` spent in the kernels (timed in Julia).
+    ``kernel_seconds``: the time the last ``advance`` spent in the kernels (timed in Julia),
+    ``continued``: whether it started from the ∇E the previous chunk left (see ``advance``).
     """
 
     name = "julia"
@@ -265,6 +266,7 @@ class JuliaExeBackend:
         self._warm: set[tuple[str, str, float]] = set()
         self._buf = b""
         self.kernel_seconds = 0.0
+        self.continued = False
         opts, self.threads_from = thread_option(threads)
         argv = [exe, *opts, "--startup-file=no", "--history-file=no", str(server_script())]
         self._stderr = tempfile.TemporaryFile()
@@ -342,7 +344,9 @@ class JuliaExeBackend:
 
     # --- shared memory -------------------------------------------------------
 
-    def _prepare(self, theta: Particles, problem: Problem, n: int) -> _Shared:
+    def _prepare(self, theta: Particles, problem: Problem, n: int) -> tuple[_Shared, bool]:
+        """The shared file, holding ``problem``'s data and θ; and whether θ and the data were
+        already there, unchanged since the last call (the server's ∇E is then θ's)."""
         dtype = theta.U.dtype
         name = _dtype_name(dtype)
         L, M, d = theta.shape
@@ -369,16 +373,18 @@ class JuliaExeBackend:
             self._request(f"warmup {name} {act.name} {float(act.eta)!r}")
             self.startup_seconds += time.perf_counter() - t0
             self._warm.add(key)
+        tb = theta.batched()
+        unchanged = sh.problem is problem and all(np.array_equal(sh.arrays[v], getattr(tb, v)) for v in "UWb")
         if sh.problem is not problem:
             sh.arrays["x"][...] = problem.x
             sh.arrays["y"][...] = problem.y
             sh.arrays["a"][...] = problem.a
             sh.problem = problem
-        tb = theta.batched()
-        sh.arrays["U"][...] = tb.U
-        sh.arrays["W"][...] = tb.W
-        sh.arrays["b"][...] = tb.b
-        return sh
+        if not unchanged:
+            sh.arrays["U"][...] = tb.U
+            sh.arrays["W"][...] = tb.W
+            sh.arrays["b"][...] = tb.b
+        return sh, unchanged
 
     @staticmethod
     def _tail(problem: Problem) -> str:
@@ -388,11 +394,18 @@ class JuliaExeBackend:
     # --- the Backend interface -----------------------------------------------
 
     def advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
-        """n GD steps in place (a batch: all nets, never stopping early), as ``NumpyBackend``."""
-        sh = self._prepare(theta, problem, n)
+        """n GD steps in place (a batch: all nets, never stopping early), as ``NumpyBackend``.
+
+        A chunk that starts where the previous one ended (same data, θ unchanged) reuses
+        that chunk's last ∇E: n gradient evaluations for n steps, not n + 1, the same numbers.
+        """
+        sh, unchanged = self._prepare(theta, problem, n)
         mode = kernel_memory(self.memory, theta, problem)
-        reply = self._request(f"advance {int(n)} {float(ds)!r} {self._tail(problem)} {mode}")
+        # θ where the last chunk left it: the server still holds its ∇E (it checks the rest)
+        cont = " continue" if unchanged and n > 0 and not theta.batch else ""
+        reply = self._request(f"advance {int(n)} {float(ds)!r} {self._tail(problem)} {mode}{cont}")
         k, self.kernel_seconds = int(reply[0]), float(reply[1])
+        self.continued = len(reply) > 2 and reply[2] == "1"
         tb = theta.batched()
         tb.U[...] = sh.arrays["U"]
         tb.W[...] = sh.arrays["W"]
@@ -408,7 +421,7 @@ class JuliaExeBackend:
         """E(θ) and ∇E for one net."""
         if theta.batch:
             raise BackendError("loss_and_grad takes one net, not a batch")
-        sh = self._prepare(theta, problem, 0)
+        sh, _ = self._prepare(theta, problem, 0)
         E = float(self._request(f"gradient {self._tail(problem)} {kernel_memory(self.memory, theta, problem)}")[0])
         return E, Particles(sh.arrays["gU"].copy(), sh.arrays["gW"].copy(), sh.arrays["gb"].copy())
 

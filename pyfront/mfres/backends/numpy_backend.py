@@ -76,6 +76,8 @@ class NumpyBackend:
         self.threads = threads or model.default_threads()
         self._work: model.Workspace | None = None
         self._grad: Particles | None = None
+        self._last: tuple | None = None  # (problem, θ, E, velocity) where the last advance left one net
+        self.continued = False
 
     def _buffers(self, theta: Particles, problem: Problem) -> tuple[model.Workspace, Particles]:
         tb = theta.batched()
@@ -85,6 +87,7 @@ class NumpyBackend:
             recompute = choose_recompute(self.memory, L, M, problem.x.shape[0], theta.U.dtype, B)
             self._work = model.Workspace.for_problem(tb, problem.x, recompute, self.threads)
             self._grad = Particles(np.empty_like(theta.U), np.empty_like(theta.W), np.empty_like(theta.b))
+            self._last = None
         assert self._grad is not None
         return self._work, self._grad
 
@@ -96,18 +99,29 @@ class NumpyBackend:
         return E, g
 
     def advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
+        """n GD steps in place. A chunk that starts where the previous one ended (same data, θ
+        unchanged) reuses that chunk's last ∇E: n evaluations for n steps, the same numbers."""
         work, grad = self._buffers(theta, problem)
         losses = np.empty((n + 1, *theta.batch))
         norms = np.empty((n + 1, *theta.batch))
+        last, self._last = self._last, None
+        self.continued = (n > 0 and last is not None and last[0] is problem
+                          and all(np.array_equal(getattr(last[1], v), getattr(theta, v)) for v in "UWb"))
         with np.errstate(over="ignore", invalid="ignore"), one_blas_thread(work):
             for k in range(n + 1):
-                E, _ = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
-                                           problem.weight_decay, work, grad)
+                if k == 0 and self.continued:
+                    assert last is not None
+                    E, norms[0] = last[2], last[3]
+                else:
+                    E, _ = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
+                                               problem.weight_decay, work, grad)
+                    norms[k] = model.velocity_rms(grad)
                 losses[k] = E
-                norms[k] = model.velocity_rms(grad)
                 if k == n or (not theta.batch and not np.isfinite(E)):
                     zL = work.Z[theta.shape[0], ..., : theta.shape[2]]  # the last forward pass's z_L
                     pred = zL @ problem.a.astype(theta.U.dtype)
+                    if not theta.batch and k == n:
+                        self._last = (problem, theta.copy(), E, float(norms[k]))
                     return Trajectory(losses[: k + 1], norms[: k + 1], pred if theta.batch else pred[0])
                 model.gd_step(theta, grad, ds)
         raise AssertionError("unreachable")
