@@ -129,15 +129,17 @@ def _timed_command(cmd: list[str], env: dict[str, str]) -> float:
     return seconds - (float(startup.group(1)) if startup else 0.0)
 
 
-def _simulate_seconds(backend: str, size: tuple[int, int, int, int], steps: int, every: int, env: dict,
+def _simulate_seconds(backend: str, size: tuple[int, int, int, int], steps: int, every: int | None, env: dict,
                       folder: str) -> float:
+    """One ``mfres simulate``; ``every = None``: the default snapshots (about 20 per run)."""
     L, M, d, N = size
     out = os.path.join(folder, f"r{steps}.nc")
     cmd = [sys.executable, "-m", "mfres.cli", "simulate", "-L", str(L), "-M", str(M), "-d", str(d), "-N", str(N),
-           "--steps", str(steps), "--snapshot-every", str(every), "--ds", "0.1", "--backend", backend,
+           "--steps", str(steps), "--ds", "0.1", "--backend", backend,
            "--overwrite", "--out", out]  # not --quiet: the summary says how long Julia took to start
-    seconds = _timed_command(cmd, env)
-    return seconds
+    if every is not None:
+        cmd += ["--snapshot-every", str(every)]
+    return _timed_command(cmd, env)
 
 
 def simulate_per_step(backend: str, size: tuple[int, int, int, int], key: str, env: dict, repeats: int) -> dict:
@@ -172,8 +174,9 @@ def _sweep_seconds(seeds: int, steps: int, env: dict, folder: str, separate: boo
 def sweep_throughput(seeds: int, env: dict, repeats: int, backend: str | None) -> dict:
     """Net-steps per second of ``mfres sweep`` over ``seeds`` seeds at the small size, batched
     (one call advances all seeds) and separate (``--keep-runs``: one run, one file per seed),
-    each by step-count differencing."""
-    n1, n2 = 100, 500
+    each by step-count differencing. Julia's start-up and compilation (30 s, give or take a few)
+    is in both sweeps of a difference, so its step counts are far larger than NumPy's."""
+    n1, n2 = (100, 4100) if backend == "julia" else (100, 500)
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         for mode, separate in (("batched", False), ("separate", True)):
@@ -183,6 +186,7 @@ def sweep_throughput(seeds: int, env: dict, repeats: int, backend: str | None) -
                 t2 = _sweep_seconds(seeds, n2, env, folder, separate, backend)
                 per.append((t2 - t1) / (n2 - n1) / seeds)
             out[mode] = float(np.median(per))
+    out["steps"] = [n1, n2]
     return out
 
 
@@ -371,10 +375,14 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
         f"float64, {peaks['float32']:.1f} GFLOP/s float32.",
         f"- Python {platform.python_version()}, {vers.get('julia')}, PyTorch {vers.get('torch', 'not installed')}, "
         f"JAX {vers.get('jax', 'not installed')} (float64 enabled).",
-        f"- The machine's 2 cores were shared with other work while this ran (load average "
-        f"{res['load_start']} at the start, {res['load_end']} at the end, 1/5/15 min): absolute times are "
-        "inflated and noisy; every figure is a median over repeats, each contender in a fresh process, "
-        "and the contenders of one row ran back to back, so their ratios are the figures to read.",
+        (f"- The machine's 2 cores were shared with other work while this ran (load average "
+         f"{res['load_start']} at the start, {res['load_end']} at the end, 1/5/15 min): absolute times are "
+         "inflated and noisy; every figure is a median over repeats, each contender in a fresh process, "
+         "and the contenders of one row ran back to back, so their ratios are the figures to read."
+         if busy(res) else
+         f"- The machine was quiet while this ran (load average {res['load_start']} at the start, "
+         f"{res['load_end']} at the end, 1/5/15 min; about 1 is this benchmark itself); every figure is a "
+         "median over repeats, each contender in a fresh process, the contenders of one row back to back."),
         "",
         f"Model: docs/model.md with tanh, GD steps of Δs = 0.1, {THREADS} threads for every contender unless said "
         "otherwise. Sizes (L, M, d, N): "
@@ -484,10 +492,12 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
                 lines.append(f"| {B} | {fmt_ms(get(bn, B))} | {fmt_ms(per)} | {single / per:.2f}× |")
     lines += ["", "Through the product: `mfres sweep` over 16 seeds, one worker, batched (the default) against "
               "`--keep-runs` (one run and one run file per seed), ms per net-step by step-count differencing "
-              "(100 and 500 steps):", "", "| sweep | batched | separate | throughput ratio |", "|---|---|---|---|"]
+              "(t(n2) − t(n1)) / (n2 − n1):", "", "| sweep | steps n1, n2 | batched | separate | throughput ratio |",
+              "|---|---|---|---|---|"]
     for name, sw in res["sweeps"].items():
         label = "numpy (the sweep's backend)" if name == "default" else name
-        lines.append(f"| `--backend {label}` | {fmt_ms(sw['batched'])} | {fmt_ms(sw['separate'])} | "
+        n1, n2 = sw.get("steps", (100, 500))  # older results.json: 100, 500 for every sweep
+        lines.append(f"| `--backend {label}` | {n1}, {n2} | {fmt_ms(sw['batched'])} | {fmt_ms(sw['separate'])} | "
                      f"{sw['separate'] / sw['batched']:.2f}× |")
 
     # memory
@@ -528,6 +538,16 @@ product has one dimension of only d + 1: BLAS runs these skinny shapes far below
 dense peak. The activation is mfres's own float64 tanh (a table and a [3/2] Padé
 approximant, 17 NumPy passes on a block in cache) where NumPy's `np.tanh` is not
 vectorised; the line `np.tanh` shows what NumPy's own would cost."""
+
+
+def busy(res: dict) -> bool:
+    """Whether other work shared the machine: a 1-minute load average above 1.5 at either end."""
+    def first(load: object) -> float:
+        try:
+            return float(str(load).split()[0])
+        except (ValueError, IndexError):
+            return float("inf")
+    return max(first(res.get("load_start")), first(res.get("load_end"))) > 1.5
 
 
 def targets(by: dict, prod: dict, overheads: dict, jl2: float | None, limit: float | None, sweeps: dict,
