@@ -16,18 +16,17 @@ steps). Prints one line per figure.
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 from run import (
     DEFAULT,
     SIZES,
     Skipped,
-    _simulate_seconds,
     contender,
     find_julia,
     julia_run,
     load,
     product_env,
+    simulate_per_step,
     sweep_throughput,
 )
 
@@ -49,15 +48,12 @@ def main() -> None:
         size = DEFAULT if key == "default" else SIZES[key]
         n1, n2 = STEPS[key]
         line = [f"{key} {size}:"]
-        with tempfile.TemporaryDirectory() as folder:
-            for backend in ("numpy", "julia") if julia else ("numpy",):
-                try:
-                    t1 = _simulate_seconds(backend, size, n1, None, env, folder)
-                    t2 = _simulate_seconds(backend, size, n2, None, env, folder)
-                    line.append(f"simulate --backend {backend} {1e3 * (t2 - t1) / (n2 - n1):.4g} ms/step "
-                                f"(steps {n1}, {n2})")
-                except Skipped as e:
-                    line.append(f"simulate --backend {backend}: skipped ({e})")
+        for backend in ("numpy", "julia") if julia else ("numpy",):
+            try:
+                per = simulate_per_step(backend, size, key, env, 1, schedule=(n1, n2, None))["sec_per_step"]
+                line.append(f"simulate --backend {backend} {1e3 * per:.4g} ms/step (steps {n1}, {n2})")
+            except Skipped as e:
+                line.append(f"simulate --backend {backend}: skipped ({e})")
         alone = contender("numpy", key, "float64", "--threads", "2")
         line.append(f"NumPy backend alone {1e3 * alone['sec_per_step']:.4g} ms/step" if alone else "NumPy alone failed")
         if julia:

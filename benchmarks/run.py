@@ -49,8 +49,7 @@ class Skipped(Exception):
 def julia_env() -> dict[str, str]:
     """The environment the product gives its Julia child (the BLAS kernel choice of
     mfres.backends.blas_environment), so that the kernels are measured as the product runs them."""
-    sys.path.insert(0, str(ROOT / "pyfront"))
-    from mfres.backends import blas_environment
+    from mfres.backends import blas_environment  # importable: contenders put pyfront/ on sys.path
 
     return {**os.environ, **blas_environment()}
 
@@ -142,9 +141,11 @@ def _simulate_seconds(backend: str, size: tuple[int, int, int, int], steps: int,
     return _timed_command(cmd, env)
 
 
-def simulate_per_step(backend: str, size: tuple[int, int, int, int], key: str, env: dict, repeats: int) -> dict:
-    """Seconds per step of ``mfres simulate`` by step-count differencing, (t(n2) − t(n1)) / (n2 − n1)."""
-    n1, n2, every = PRODUCT_STEPS[key]
+def simulate_per_step(backend: str, size: tuple[int, int, int, int], key: str, env: dict, repeats: int,
+                      schedule: tuple[int, int, int | None] | None = None) -> dict:
+    """Seconds per step of ``mfres simulate`` by step-count differencing, (t(n2) − t(n1)) / (n2 − n1);
+    ``schedule`` = (n1, n2, snapshot interval or None for the default), else ``PRODUCT_STEPS[key]``."""
+    n1, n2, every = schedule or PRODUCT_STEPS[key]
     with tempfile.TemporaryDirectory() as folder:
         _simulate_seconds(backend, size, 1, 1, env, folder)  # fails fast, with the reason, if unusable
         per = []
