@@ -89,15 +89,19 @@ def problem(size: str, dtype: str, batch: int = 0):
 CPU: list[float] = []  # CPU seconds per step of the last measure(), all threads of the process
 
 
-def measure(advance, steps: int, repeats: int) -> tuple[float, list[float]]:
+def measure(advance, steps: int, repeats: int, evaluations=lambda n: n + 1) -> tuple[float, list[float]]:
+    """Median seconds per gradient evaluation (with its GD step) of ``advance(steps)``, which
+    evaluates ``evaluations(steps)`` times: n + 1 (E after the last step too), or n for a
+    backend that carries the last ∇E over from the previous call."""
     advance(1)  # warm-up: buffers, caches, first-call costs
     times, cpu = [], []
     losses: list[float] = []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         out = advance(steps)
-        times.append((time.perf_counter() - t0) / (steps + 1))
-        cpu.append((time.process_time() - c0) / (steps + 1))
+        k = evaluations(steps)
+        times.append((time.perf_counter() - t0) / k)
+        cpu.append((time.process_time() - c0) / k)
         losses = out
     CPU[:] = [float(np.median(cpu))]
     return float(np.median(times)), losses
@@ -117,7 +121,7 @@ def run_numpy(size: str, dtype: str, memory: str, batch: int, steps: int | None,
     if steps:
         n, repeats = steps, 1
     sec, losses = measure(lambda k: np.atleast_1d(backend.advance(theta, prob, 0.1, k).loss[:, ...]).tolist(), n,
-                          repeats)
+                          repeats, lambda k: k if backend.continued else k + 1)
     recompute = choose_recompute(memory, L, M, N, np.dtype(dtype), max(batch, 1))
     kept = model.workspace_bytes(L, M, d, N, np.dtype(dtype), recompute, max(batch, 1), backend.threads)
     return {"sec_per_step": sec, "peak_bytes": peak_rss_bytes() - base, "kept_bytes": kept,
