@@ -8,7 +8,8 @@ durable writer. Here each `mfres simulate` keeps its default schedule (about 20 
 per run, so the step-count difference (t(n2) − t(n1)) / (n2 − n1) is the cost of a step
 with the file kept as a user's run keeps it), Julia's reported start-up is subtracted,
 and in the same run: the NumPy backend alone and JAX jit (fresh processes,
-``contenders.py``), the Julia kernels alone (``julia_bench.jl``), and `mfres sweep
+``contenders.py``), the loop's and file's share of one run as `mfres simulate` reports it
+(goal 4), the Julia kernels alone (``julia_bench.jl``), and `mfres sweep
 --backend julia` batched against ``--keep-runs`` (16 seeds, small size, 100 and 4100
 steps). Prints one line per figure.
 """
@@ -27,6 +28,7 @@ from run import (
     load,
     product_env,
     simulate_per_step,
+    simulate_split,
     sweep_throughput,
 )
 
@@ -52,6 +54,9 @@ def main() -> None:
             try:
                 per = simulate_per_step(backend, size, key, env, 1, schedule=(n1, n2, None))["sec_per_step"]
                 line.append(f"simulate --backend {backend} {1e3 * per:.4g} ms/step (steps {n1}, {n2})")
+                sp = simulate_split(backend, size, key, env, 1)
+                line.append(f"its loop and file {100 * sp['overhead']:.1f} % of its stepping "
+                            f"({sp['stepping_s']:.3g} s, one run of {sp['steps']} steps)")
             except Skipped as e:
                 line.append(f"simulate --backend {backend}: skipped ({e})")
         alone = contender("numpy", key, "float64", "--threads", "2")

@@ -350,3 +350,38 @@ def test_info_on_a_file_that_is_not_a_run(tmp_path: Path) -> None:
     res = cli("info", str(tmp_path / "other.nc"))
     assert res.returncode == 4 and res.stderr.strip() == f"Error: {tmp_path / 'other.nc'} is not a run file " \
         "(made by mfres simulate)", res.stderr
+
+
+def test_run_says_where_its_time_went(tmp_path: Path) -> None:
+    """RunResult.timing splits a run's wall time into the backend's steps, Julia's compilation
+    (counted through ``startup_seconds``) and the rest; `mfres simulate` prints the split."""
+    import time
+
+    from mfres.backends.numpy_backend import NumpyBackend
+    from mfres.config import RunConfig
+    from mfres.train import run
+
+    class SlowCompiling(NumpyBackend):
+        calls, startup_seconds = 0, 0.0
+
+        def advance(self, theta, problem, ds, n):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            time.sleep(0.05)
+            self.startup_seconds += 0.02  # of those 0.05 s, as a Julia backend reports its compilation
+            return super().advance(theta, problem, ds, n)
+
+    backend = SlowCompiling()
+    config = RunConfig(depth=2, width=4, dim=2, samples=8, steps=30, snapshot_every=5, backend="numpy")
+    t0 = time.perf_counter()
+    t = run(config, str(tmp_path / "t.nc"), backend=backend, warn=False).timing
+    wall = time.perf_counter() - t0
+    assert backend.calls >= 7  # step 0 and at least one chunk per snapshot interval
+    assert t.compile == pytest.approx(0.02 * backend.calls)
+    assert t.backend >= 0.03 * backend.calls
+    assert t.backend + t.compile <= t.total <= wall
+    assert t.overhead == pytest.approx((t.total - t.backend - t.compile) / t.backend) and t.overhead >= 0
+    res = CliRunner().invoke(main, ["simulate", *TINY[:-3], "--backend", "numpy", "--steps", "20",
+                                    "--out", str(tmp_path / "c.nc")])
+    assert res.exit_code == 0, res.output
+    line = [s for s in res.output.splitlines() if s.startswith("time: ")]
+    assert len(line) == 1 and "s stepping in the backend" in line[0] and "% of the stepping" in line[0]

@@ -206,6 +206,9 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
         else:
             click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, "
                        f"final loss {result.loss:.6g}; wrote {out}", err=True)
+            t = result.timing
+            click.echo(f"time: {t.backend:.3g} s stepping in the backend, {t.total - t.backend - t.compile:.3g} s "
+                       f"in the loop, snapshots and file ({100 * t.overhead:.1f} % of the stepping)", err=True)
         startup = getattr(backend, "startup_seconds", 0.0)
         if startup:
             click.echo(f"Julia start-up and compilation: {startup:.1f} s of this run", err=True)

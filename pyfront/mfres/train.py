@@ -40,8 +40,36 @@ ProgressFn = Callable[[int, int, float, float], None]
 
 
 @dataclass
+class Timing:
+    """Wall-clock seconds of one ``run``, from opening the run file to publishing it.
+
+    ``backend``: inside the backend's ``advance`` (the steps), less ``compile`` (Julia's
+    compilation of the kernels during the run); ``total``: everything, so that
+    ``total − backend − compile`` is the loop's own time and the file's (snapshots,
+    durable points, publishing) and ``overhead`` that time as a fraction of ``backend``.
+    """
+
+    total: float = 0.0
+    backend: float = 0.0
+    compile: float = 0.0
+
+    @property
+    def overhead(self) -> float:
+        return (self.total - self.backend - self.compile) / self.backend if self.backend > 0 else float("nan")
+
+    def advance(self, backend: Backend, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
+        """``backend.advance``, timed."""
+        c0, t0 = getattr(backend, "startup_seconds", 0.0), time.perf_counter()
+        traj = backend.advance(theta, problem, ds, n)
+        compiled = getattr(backend, "startup_seconds", 0.0) - c0
+        self.compile += compiled
+        self.backend += time.perf_counter() - t0 - compiled
+        return traj
+
+
+@dataclass
 class RunResult:
-    """What a finished (or stopped) run reports: where it stopped and why."""
+    """What a finished (or stopped) run reports: where it stopped and why, and where its time went."""
 
     path: str
     status: str
@@ -51,6 +79,7 @@ class RunResult:
     message: str = ""
     health: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    timing: Timing = field(default_factory=Timing)
 
 
 class StopFlag:
@@ -146,10 +175,11 @@ def run(config: RunConfig, out: str, *, backend: Backend | None = None, command:
         data, theta, problem = prepare(config)
         if backend is None:
             backend = select(config.backend, config.threads, config.device, config.memory)
+        timing, t0 = Timing(), time.perf_counter()
         writer = RunWriter(out, config, data, backend.name, command=command, overwrite=overwrite,
                            resume=resume and os.path.exists(out))
         try:
-            result = _loop(config, theta, problem, backend, writer, progress, flag, command)
+            result = _loop(config, theta, problem, backend, writer, progress, flag, command, timing)
         except RunStopped:
             raise  # its status is already in the file
         except StorageError as e:
@@ -160,6 +190,7 @@ def run(config: RunConfig, out: str, *, backend: Backend | None = None, command:
             raise
         finally:
             writer.close()
+            timing.total = time.perf_counter() - t0
     if warn:
         for w in result.warnings:
             warnings.warn(w, RuntimeWarning, stacklevel=2)
@@ -182,16 +213,17 @@ def _again(command: str) -> str:
 
 
 def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backend, writer: RunWriter,
-          progress: ProgressFn | None, stop: StopFlag, command: str = "") -> RunResult:
+          progress: ProgressFn | None, stop: StopFlag, command: str = "", timing: Timing | None = None) -> RunResult:
     steps, every = config.steps, config.snapshot_every
     assert every is not None
+    clock = timing or Timing()
     step = writer.start_step
     traj: Trajectory | None = None  # the last chunk, which ended at θ
     if writer.start_state is not None:
         theta = writer.start_state
         e0 = writer.e0
     else:  # E(0), the step-0 snapshot and the first durable point: the run file exists from here on
-        traj = backend.advance(theta, problem, config.ds, 0)
+        traj = clock.advance(backend, theta, problem, config.ds, 0)
         e0 = float(traj.loss[0])
         writer.write_steps(0, traj.loss, traj.grad_norm)
         _snapshot(writer, 0, theta, problem, traj)
@@ -208,7 +240,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         n = min(chunk, steps - step, every - step % every)
         start_theta = theta.copy()
         t0 = time.perf_counter()
-        traj = backend.advance(theta, problem, config.ds, n)
+        traj = clock.advance(backend, theta, problem, config.ds, n)
         elapsed = time.perf_counter() - t0
         bad = int(health.first_bad_step(traj.loss, start=e0))
         if bad >= 0:
@@ -238,7 +270,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         raise RunStopped(msg)
     figs = {k: writer.attrs[k] for k in HEALTH_ATTRS}
     return RunResult(writer.path, status, step, last_loss, backend.name, msg, figs,
-                     health.warnings_for(figs, step))
+                     health.warnings_for(figs, step), clock)
 
 
 def _diverged(config: RunConfig, writer: RunWriter, backend: Backend, problem: Problem, theta: Particles,
@@ -266,4 +298,4 @@ def _diverged(config: RunConfig, writer: RunWriter, backend: Backend, problem: P
     raise RunStopped(msg)
 
 
-__all__ = ["RunResult", "StorageError", "prepare", "run", "stop_on_signals"]
+__all__ = ["RunResult", "StorageError", "Timing", "prepare", "run", "stop_on_signals"]

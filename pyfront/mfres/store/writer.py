@@ -31,6 +31,7 @@ import time
 import uuid
 from typing import Any
 
+import netCDF4  # at import, not at the first publish: its 0.1 s is start-up, not a run's time
 import numpy as np
 
 from .. import __version__, health
@@ -213,8 +214,6 @@ class RunWriter:
         self.tip = step
         self._next = step + 1
         self.start_step = step
-        import netCDF4
-
         with layout.hdf5_name(path) as name, netCDF4.Dataset(name) as nc:
             self.n_steps = nc.dimensions["step"].size
             self.e0 = float(nc["loss"][0])
@@ -377,8 +376,6 @@ class RunWriter:
 
     def _publish(self, arrays: dict[str, Any] | None, step: int) -> None:
         """Write published + pending segments + ``arrays`` as a new file and rename it over the published one."""
-        import netCDF4
-
         tmp = f".publish.{os.getpid()}.tmp.nc"
         tmp_path = layout.hdf5_dir_name(self.side, self.sidefd, tmp)
         segments = [layout.read_segment(self.side, n) for _, n, _ in self.pending]
