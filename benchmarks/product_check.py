@@ -71,7 +71,9 @@ def main() -> None:
     if julia and not a.no_sweep:
         sw = sweep_throughput(16, env, 1, "julia")
         print(f"mfres sweep --backend julia, 16 seeds, small, steps {sw['steps']}: batched {1e3 * sw['batched']:.4g} "
-              f"ms per net-step, --keep-runs {1e3 * sw['separate']:.4g}, ratio {sw['separate'] / sw['batched']:.2f}x")
+              f"ms per net-step, --keep-runs {1e3 * sw['separate']:.4g}, ratio {sw['separate'] / sw['batched']:.2f}x; "
+              f"whole sweeps of {sw['steps'][1]} steps: batched {1e3 * sw['batched_whole']:.4g}, --keep-runs "
+              f"{1e3 * sw['separate_whole']:.4g}, ratio {sw['separate_whole'] / sw['batched_whole']:.2f}x")
     print(f"load at the end {load()}")
 
 

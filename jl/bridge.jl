@@ -57,7 +57,10 @@ end
 
 A batch of nets on the same data: net `j` (θ = `Us[j], Ws[j], bs[j]`, mutated in place)
 advances by `nsteps` GD steps, writing its E and RMS velocities into `losses[1:k, j]`,
-`norms[1:k, j]`. The nets run one after the other on one cached workspace. With
+`norms[1:k, j]`. The nets run one after the other on one cached workspace, or, when
+they are below the kernels' parallel threshold (N·M·d < `PARALLEL_WORK`: each net's
+kernels run on one thread), spread over the threads, one workspace each; a net's
+numbers are the same either way. With
 `stop_nonfinite` (meant for one net) a net stops at its first non-finite E and `k` is
 the number of values written for the last net; otherwise `k = nsteps + 1`.
 `predictions` (an `N × B` matrix, or `nothing`) receives each net's output a·z_L(x_i)
@@ -72,18 +75,52 @@ function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activatio
                       start::Union{Nothing,Tuple{Float64,Float64}} = nothing)
     σ = MFRes.activation(Symbol(activation); eta = eta)
     start === nothing || length(Us) == 1 || throw(ArgumentError("start is for one net"))
-    k = nsteps + 1
-    for j in eachindex(Us)
-        ws = cached_workspace(Us[j], X, memory)
-        k = gd!(ws, Us[j], Ws[j], bs[j], X, y, a, Δs, nsteps, σ; weight_decay = weight_decay,
-                losses = view(losses, :, j), norms = view(norms, :, j), stop_nonfinite = stop_nonfinite,
-                start = start)
-        if predictions !== nothing
-            zL = view(ws.Z, :, :, size(ws.Z, 3))
-            copyto!(view(predictions, :, j), host_array(transpose(zL) * a))
+    B = length(Us)
+    d, M, _ = size(Us[1])
+    np = min(Threads.nthreads(), B)
+    if np > 1 && !stop_nonfinite && Us[1] isa Array && d * M * size(X, 2) < PARALLEL_WORK
+        # nets this small run their kernels on one thread: spread the nets over the threads
+        # instead, each thread with its own workspace (a net's numbers stay those of a serial run)
+        cache = batch_workspaces(np, Us[1], X, memory)
+        Threads.@threads for t in 1:np
+            for j in t:np:B
+                advance_net!(cache[t], j, Us, Ws, bs, X, y, a, Δs, nsteps, σ, weight_decay, losses, norms,
+                             false, predictions, nothing)
+            end
         end
+        return nsteps + 1
+    end
+    k = nsteps + 1
+    for j in 1:B
+        k = advance_net!(cached_workspace(Us[j], X, memory), j, Us, Ws, bs, X, y, a, Δs, nsteps, σ, weight_decay,
+                         losses, norms, stop_nonfinite, predictions, start)
     end
     return k
+end
+
+function advance_net!(ws, j, Us, Ws, bs, X, y, a, Δs, nsteps, σ, weight_decay, losses, norms, stop_nonfinite,
+                      predictions, start)
+    k = gd!(ws, Us[j], Ws[j], bs[j], X, y, a, Δs, nsteps, σ; weight_decay = weight_decay,
+            losses = view(losses, :, j), norms = view(norms, :, j), stop_nonfinite = stop_nonfinite,
+            start = start)
+    if predictions !== nothing
+        zL = view(ws.Z, :, :, size(ws.Z, 3))
+        copyto!(view(predictions, :, j), host_array(transpose(zL) * a))
+    end
+    return k
+end
+
+const BATCH_CACHE = Ref{Any}(nothing)
+
+# np workspaces for a batch spread over threads, kept while the sizes fit
+function batch_workspaces(np::Integer, U, X, memory::AbstractString)
+    mode = Symbol(memory)
+    cache = BATCH_CACHE[]
+    if !(cache isa Vector && length(cache) >= np && all(ws -> fits(ws, U, X, mode), cache))
+        cache = [Workspace(U, X; memory = mode) for _ in 1:np]
+        BATCH_CACHE[] = cache
+    end
+    return cache
 end
 
 """

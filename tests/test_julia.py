@@ -5,6 +5,7 @@ child process): conformance, errors, a dead child, no orphans, the CLI, Ctrl-C, 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -474,11 +475,13 @@ def test_sweep_through_julia_equals_numpy(julia: str, tmp_path: Path) -> None:
     import xarray as xr
 
     args = ["--depth", "4", "--width", "6,12", "--seeds", "3", "--dim", "2", "--samples", "12", "--steps", "30",
-            "--ds", "0.2", "--init", "iid", "--workers", "1", "--quiet"]
+            "--ds", "0.2", "--init", "iid", "--workers", "1"]
     for backend in ("numpy", "julia"):
         res = _cli("sweep", *args, "--backend", backend, "--out", str(tmp_path / f"{backend}.nc"),
                    env={"MFRES_JULIA": julia})
         assert res.returncode == 0, res.stderr
+        startup = re.search(r"Julia start-up and compilation: ([0-9.]+) s of this sweep", res.stderr)
+        assert (startup is not None and float(startup.group(1)) > 0) == (backend == "julia"), res.stderr
     j, n = (xr.load_dataset(tmp_path / f"{b}.nc") for b in ("julia", "numpy"))
     assert set(j["status"].values.ravel()) == {"ok"}
     assert set(j["backend"].values.ravel()) == {"julia"} and set(n["backend"].values.ravel()) == {"numpy"}

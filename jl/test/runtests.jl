@@ -302,6 +302,19 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         # divergence stops the chunk at the first non-finite E
         losses, norms = MFRes.advance_chunk(U, W, b, X, y, a, 1e4, 500, "tanh", 0.5, 10.0)
         @test !isfinite(losses[end]) && all(isfinite, losses[1:end-1]) && length(losses) < 501
+        # a batch: each net's numbers are its own run's, bit for bit (small nets: spread over the threads)
+        probs = [random_problem(MersenneTwister(20 + j), 3, 8, 4, 10) for j in 1:5]
+        X, y, a = probs[1][4], probs[1][5], probs[1][6]
+        Us, Ws, bs = [copy(p[1]) for p in probs], [copy(p[2]) for p in probs], [copy(p[3]) for p in probs]
+        L5, N5, P5 = zeros(8, 5), zeros(8, 5), zeros(10, 5)
+        @test MFRes.advance_nets(Us, Ws, bs, X, y, a, 0.5, 7, "tanh", 0.5, 0.01, L5, N5; predictions = P5) == 8
+        for j in 1:5
+            U1, W1, b1 = copy(probs[j][1]), copy(probs[j][2]), copy(probs[j][3])
+            l1, n1 = MFRes.advance_chunk(U1, W1, b1, X, y, a, 0.5, 7, "tanh", 0.5, 0.01)
+            zL = MFRes.cached_workspace(U1, X).Z[:, :, end]
+            @test L5[:, j] == l1 && N5[:, j] == n1 && P5[:, j] == transpose(zL) * a
+            @test Us[j] == U1 && Ws[j] == W1 && bs[j] == b1
+        end
         @test MFRes.to_device(X, "cpu") === X
         @test_throws ArgumentError MFRes.to_device(X, "cuda")
         @test_throws ArgumentError MFRes.activation(:relu)

@@ -289,25 +289,36 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
     kwargs: dict[str, Any] = {"workers": workers, "scheduler": scheduler, "backend": backend,
                               "keep_runs": keep_runs, "overwrite": overwrite, "command": _command_line()}
     try:
-        counts = _sweep_with_progress(spec, out, quiet, kwargs)
+        counts, startup = _sweep_with_progress(spec, out, quiet, kwargs)
     except KeyboardInterrupt:
         raise RunStopped(f"interrupted; every finished run is kept in {out}; run the same command again "
                          "to complete the sweep") from None
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     click.echo(f"{summary}; wrote {out}", err=True)
+    if startup and not quiet:
+        click.echo(f"Julia start-up and compilation: {startup:.1f} s of this sweep's worker time", err=True)
     left = counts.get("missing", 0) + counts.get("failed", 0)
     if left:
         raise RunStopped(f"{left} runs are missing or failed (see the file's message variable); "
                          "run the same command again to redo them")
 
 
-def _sweep_with_progress(spec: Any, out: str, quiet: bool, kwargs: dict[str, Any]) -> dict[str, int]:
-    """``run_sweep`` with a ``tqdm`` bar over the grid points on stderr (none with ``--quiet``)."""
+def _sweep_with_progress(spec: Any, out: str, quiet: bool, kwargs: dict[str, Any]) -> tuple[dict[str, int], float]:
+    """``run_sweep`` with a ``tqdm`` bar over the grid points on stderr (none with ``--quiet``);
+    returns its counts and the seconds its workers spent starting Julia and compiling."""
     from .api import sweep_progress
     from .sweep import run_sweep
 
-    with _library_output(quiet), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as progress:
-        return run_sweep(spec, out, progress=progress, **kwargs)
+    startup = 0.0
+    with _library_output(quiet), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as bar:
+        def progress(done: int, total: int, info: dict[str, Any]) -> None:
+            nonlocal startup
+            startup += float(info.get("startup_seconds", 0.0))
+            if bar is not None:
+                bar(done, total, info)
+
+        counts = run_sweep(spec, out, progress=progress, **kwargs)
+    return counts, startup
 
 
 @main.command()

@@ -330,7 +330,8 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
     local cluster of ``workers`` processes (default: one per core) on 127.0.0.1.
     ``backend``: numpy, julia or auto, chosen in each worker. ``overwrite``: start afresh,
     removing an existing ``out`` and its sidecar folder ``out.parts``. ``progress(done,
-    total, info)`` is called as tasks end. Only one process may write ``out`` at a time.
+    total, info)`` is called as tasks end (``info``: the task's options, its runs' ``status``
+    and the Julia ``startup_seconds`` it paid). Only one process may write ``out`` at a time.
     """
     workers = _check_workers(workers, scheduler)
     if backend not in BACKENDS:
@@ -377,7 +378,8 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
                     last = time.monotonic()
                     cost = last - t0
                 if progress:
-                    progress(done, total, {**g["options"], "status": list(result["status"])})
+                    progress(done, total, {**g["options"], "status": list(result["status"]),
+                                           "startup_seconds": float(result.get("startup_seconds", 0.0))})
         if store.dirty:
             store.publish()
         return store.state.counts()

@@ -38,6 +38,11 @@ def worker_backend(name: str, threads: int | None, device: str, memory: str) -> 
     return _BACKENDS[key]
 
 
+def startup_total() -> float:
+    """Seconds this process's backends have spent starting Julia and compiling its kernels."""
+    return sum(float(getattr(b, "startup_seconds", 0.0)) for b in _BACKENDS.values())
+
+
 def batch_bytes(config: RunConfig, N: int, d: int, B: int) -> int:
     """Memory of one task training B nets of ``config`` at once on N samples of dimension d."""
     from . import model
@@ -56,9 +61,10 @@ def run_task(options: dict[str, Any], seeds: Sequence[int], stride: int, backend
 
     ``options``: ``RunConfig`` fields but ``seed`` (``steps`` already the run's own);
     returns per run ``loss`` (B, steps/stride + 1), ``status``, ``message``, ``seconds``,
-    ``rise_count``, ``max_rise`` and the ``backend`` used.
+    ``rise_count``, ``max_rise``, and the ``backend`` used and the task's ``startup_seconds``
+    (Julia's start and compilation, when the task paid for them).
     """
-    t0 = time.perf_counter()
+    t0, s0 = time.perf_counter(), startup_total()
     B = len(seeds)
     n_grid = int(options["steps"]) // stride + 1
     out: dict[str, Any] = {"loss": np.full((B, n_grid), np.nan), "status": ["failed"] * B, "message": [""] * B,
@@ -84,6 +90,7 @@ def run_task(options: dict[str, Any], seeds: Sequence[int], stride: int, backend
         out["rise_count"][:] = -1
         out["max_rise"][:] = np.nan
     out["seconds"] = np.full(B, (time.perf_counter() - t0) / B)
+    out["startup_seconds"] = startup_total() - s0
     return out
 
 
