@@ -96,14 +96,19 @@ back!(dst, src) = dst === src ? dst : copyto!(dst, Base.invokelatest(MFRes.host_
 # (see `serve`).
 const LAST = Ref{Any}(nothing)
 
+# "ACT ETA WD [MEMORY]" -> (activation, eta, λ, memory), Strings rather than the SubStrings
+# of `split`: the types `warmup` compiled for
+function problem_options(words)
+    return (String(words[1]), parse(Float64, words[2]), parse(Float64, words[3]),
+            length(words) >= 4 ? String(words[4]) : "store")
+end
+
 function advance(words)
     m = maps()
     n = parse(Int, words[1])
     Δs = parse(Float64, words[2])
-    # Strings, not the SubStrings of `split`: the types `warmup` compiled for
-    act, eta, wd = String(words[3]), parse(Float64, words[4]), parse(Float64, words[5])
-    memory = length(words) >= 6 ? String(words[6]) : "store"
-    key = (act, eta, wd, memory)
+    key = problem_options(words[3:min(end, 6)])
+    act, eta, wd, memory = key
     last = LAST[]
     LAST[] = nothing
     start = length(words) >= 7 && words[7] == "continue" && m.single && last !== nothing && last[3] == key ?
@@ -127,8 +132,7 @@ end
 
 function gradient(words)
     m = maps()
-    act, eta, wd = String(words[1]), parse(Float64, words[2]), parse(Float64, words[3])
-    memory = length(words) >= 4 ? String(words[4]) : "store"
+    act, eta, wd, memory = problem_options(words)
     E, gU, gW, gb = Base.invokelatest(MFRes.gradient, on_device(m.U[1]), on_device(m.W[1]), on_device(m.b[1]),
                                       on_device(m.X), on_device(m.y), on_device(m.a), act, eta, wd;
                                       memory = memory)

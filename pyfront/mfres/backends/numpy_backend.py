@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +56,15 @@ def one_blas_thread(work: model.Workspace | None = None) -> Iterator[None]:
         yield
 
 
+class _End(NamedTuple):
+    """Where the last ``advance`` left one net: its problem, θ (a copy), E and RMS velocity there."""
+
+    problem: Problem
+    theta: Particles
+    E: float
+    velocity: float
+
+
 class NumpyBackend:
     """Runs docs/model.md's kernels with NumPy (BLAS for the per-layer products).
 
@@ -76,7 +86,7 @@ class NumpyBackend:
         self.threads = threads or model.default_threads()
         self._work: model.Workspace | None = None
         self._grad: Particles | None = None
-        self._last: tuple | None = None  # (problem, θ, E, velocity) where the last advance left one net
+        self._last: _End | None = None
         self.continued = False
 
     def _buffers(self, theta: Particles, problem: Problem) -> tuple[model.Workspace, Particles]:
@@ -105,13 +115,13 @@ class NumpyBackend:
         losses = np.empty((n + 1, *theta.batch))
         norms = np.empty((n + 1, *theta.batch))
         last, self._last = self._last, None
-        self.continued = (n > 0 and last is not None and last[0] is problem
-                          and all(np.array_equal(getattr(last[1], v), getattr(theta, v)) for v in "UWb"))
+        self.continued = (n > 0 and last is not None and last.problem is problem
+                          and all(np.array_equal(getattr(last.theta, v), getattr(theta, v)) for v in "UWb"))
         with np.errstate(over="ignore", invalid="ignore"), one_blas_thread(work):
             for k in range(n + 1):
                 if k == 0 and self.continued:
                     assert last is not None
-                    E, norms[0] = last[2], last[3]
+                    E, norms[0] = last.E, last.velocity
                 else:
                     E, _ = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
                                                problem.weight_decay, work, grad)
@@ -121,7 +131,7 @@ class NumpyBackend:
                     zL = work.Z[theta.shape[0], ..., : theta.shape[2]]  # the last forward pass's z_L
                     pred = zL @ problem.a.astype(theta.U.dtype)
                     if not theta.batch and k == n:
-                        self._last = (problem, theta.copy(), E, float(norms[k]))
+                        self._last = _End(problem, theta.copy(), E, float(norms[k]))
                     return Trajectory(losses[: k + 1], norms[: k + 1], pred if theta.batch else pred[0])
                 model.gd_step(theta, grad, ds)
         raise AssertionError("unreachable")
