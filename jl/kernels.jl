@@ -256,8 +256,8 @@ function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, cprev) 
         scale_and_sum!(ws.Tm, ws.D, ls, ws.gbp, k, pb, nothing, cols)
     end
     mul!(view(ws.Pn, :, cols), view(W, :, :, l), Tm)
-    mul!(view(ws.gUp, :, :, k, pb), P, transpose(Sl))
-    mul!(view(ws.gWp, :, :, k, pb), Zl, transpose(Tm))
+    mul!(view(ws.gUp, :, :, k, pb), Sl, transpose(P))  # (Σ_i p sᵀ)ᵀ, see Workspace
+    mul!(view(ws.gWp, :, :, k, pb), Tm, transpose(Zl))
     return nothing
 end
 
@@ -299,7 +299,8 @@ function scale_and_sum!(Tm::Matrix{T}, S::Array{T,3}, ls, g, k, pb, σ::Activati
     return nothing
 end
 
-# gU, gW, gb of layer l for the particles `rows`: cg times the chunk sums, in chunk order.
+# gU, gW, gb of layer l for the particles `rows`: cg times the chunk sums (gUp, gWp
+# transposed), in chunk order.
 function reduce_chunks!(ws::Workspace{T}, l, cg, rows) where {T}
     isempty(rows) && return nothing
     d = size(ws.gU, 1)
@@ -307,16 +308,16 @@ function reduce_chunks!(ws::Workspace{T}, l, cg, rows) where {T}
     gU, gW, gb, gUp, gWp, gbp = ws.gU, ws.gW, ws.gb, ws.gUp, ws.gWp, ws.gbp
     @inbounds for m in rows
         @simd for j in 1:d
-            gU[j, m, l] = gUp[j, m, 1, pb]
-            gW[j, m, l] = gWp[j, m, 1, pb]
+            gU[j, m, l] = gUp[m, j, 1, pb]
+            gW[j, m, l] = gWp[m, j, 1, pb]
         end
         gb[m, l] = gbp[m, 1, pb]
     end
     for k in 2:length(ws.chunks)
         @inbounds for m in rows
             @simd for j in 1:d
-                gU[j, m, l] += gUp[j, m, k, pb]
-                gW[j, m, l] += gWp[j, m, k, pb]
+                gU[j, m, l] += gUp[m, j, k, pb]
+                gW[j, m, l] += gWp[m, j, k, pb]
             end
             gb[m, l] += gbp[m, k, pb]
         end
