@@ -38,10 +38,10 @@ from contenders import SIZES  # noqa: E402
 THREADS = 2
 DEFAULT = (16, 64, 4, 64)  # mfres simulate's default L, M, d, N
 # (n1, n2) GD steps for step-count differencing through the product, and the snapshot interval
-# steps of one run for the in-run split of goal 4 (the default job's 2000 at the default size)
-SPLIT_STEPS = {"default": 2000, "small": 20000, "medium": 600, "large": 40}
 PRODUCT_STEPS = {"default": (500, 5500, 250), "small": (1000, 21000, 1000), "medium": (20, 320, 20),
                  "large": (2, 12, 2)}
+# steps of one run for the in-run split of goal 4 (the default job's 2000 at the default size)
+SPLIT_STEPS = {"default": 2000, "small": 20000, "medium": 600, "large": 40}
 
 
 class Skipped(Exception):
@@ -136,17 +136,18 @@ def _timed_command(cmd: list[str], env: dict[str, str]) -> float:
     return seconds - (float(startup.group(1)) if startup else 0.0)
 
 
+def _simulate_cmd(backend: str, size: tuple[int, int, int, int], steps: int, every: int | None, out: str) -> list[str]:
+    """``mfres simulate`` at ``size``; ``every = None``: the default snapshots (about 20 per run).
+    Not --quiet: its summary says how long Julia took to start and where the time went."""
+    L, M, d, N = size
+    cmd = [sys.executable, "-m", "mfres.cli", "simulate", "-L", str(L), "-M", str(M), "-d", str(d), "-N", str(N),
+           "--steps", str(steps), "--ds", "0.1", "--backend", backend, "--overwrite", "--out", out]
+    return cmd + (["--snapshot-every", str(every)] if every is not None else [])
+
+
 def _simulate_seconds(backend: str, size: tuple[int, int, int, int], steps: int, every: int | None, env: dict,
                       folder: str) -> float:
-    """One ``mfres simulate``; ``every = None``: the default snapshots (about 20 per run)."""
-    L, M, d, N = size
-    out = os.path.join(folder, f"r{steps}.nc")
-    cmd = [sys.executable, "-m", "mfres.cli", "simulate", "-L", str(L), "-M", str(M), "-d", str(d), "-N", str(N),
-           "--steps", str(steps), "--ds", "0.1", "--backend", backend,
-           "--overwrite", "--out", out]  # not --quiet: the summary says how long Julia took to start
-    if every is not None:
-        cmd += ["--snapshot-every", str(every)]
-    return _timed_command(cmd, env)
+    return _timed_command(_simulate_cmd(backend, size, steps, every, os.path.join(folder, f"r{steps}.nc")), env)
 
 
 def simulate_per_step(backend: str, size: tuple[int, int, int, int], key: str, env: dict, repeats: int,
@@ -169,13 +170,10 @@ def simulate_split(backend: str, size: tuple[int, int, int, int], key: str, env:
     reports the seconds it spent stepping in the backend and the rest (loop, snapshots, file);
     both come from the same run, so no drift of the machine between two processes enters the
     fraction. Median over repeats."""
-    L, M, d, N = size
     steps = SPLIT_STEPS[key]
     fractions, stepping = [], []
     with tempfile.TemporaryDirectory() as folder:
-        cmd = [sys.executable, "-m", "mfres.cli", "simulate", "-L", str(L), "-M", str(M), "-d", str(d), "-N", str(N),
-               "--steps", str(steps), "--ds", "0.1", "--backend", backend, "--overwrite",
-               "--out", os.path.join(folder, "split.nc")]
+        cmd = _simulate_cmd(backend, size, steps, None, os.path.join(folder, "split.nc"))
         for _ in range(repeats):
             _, err = _run_command(cmd, env)
             m = re.search(r"time: ([0-9.e+-]+) s stepping in the backend, ([0-9.e+-]+) s in the loop", err)
@@ -209,8 +207,9 @@ def sweep_throughput(seeds: int, env: dict, repeats: int, backend: str | None) -
     (one call advances all seeds) and separate (``--keep-runs``: one run, one file per seed):
     by step-count differencing (``batched``, ``separate``: the steps alone), and whole sweeps
     of n2 steps (``batched_whole``, ``separate_whole``: with each run's own file, as a user's
-    separate runs pay it), the Julia start-up and compilation the sweep reports subtracted
-    from both."""
+    separate runs pay it, and the sweep's fixed start of Python, imports and the Dask worker,
+    the same in both, which pulls that ratio towards 1), the Julia start-up and compilation
+    the sweep reports subtracted from both."""
     n1, n2 = (100, 4100) if backend == "julia" else (100, 500)
     out: dict = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -540,16 +539,16 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
     lines += ["", "Through the product: `mfres sweep` over 16 seeds, one worker, batched (the default) against "
               "`--keep-runs` (one run and one run file per seed), ms per net-step: the steps alone by step-count "
               "differencing (t(n2) − t(n1)) / (n2 − n1), and whole sweeps of n2 steps t(n2) / n2 (with the files "
-              "that separate runs each write); the Julia start-up and compilation the sweep reports is "
-              "subtracted from every t.", "",
+              "that separate runs each write, and the sweep's fixed start of Python, imports and its Dask "
+              "worker); the Julia start-up and compilation the sweep reports is subtracted from every t.", "",
               "| sweep | steps n1, n2 | batched | separate | ratio | whole: batched | separate | ratio |",
               "|---|---|---|---|---|---|---|---|"]
     for name, sw in res["sweeps"].items():
         label = "numpy (the sweep's backend)" if name == "default" else name
         n1, n2 = sw.get("steps", (100, 500))  # older results.json: 100, 500 for every sweep
-        bw, sw_ = sw.get("batched_whole"), sw.get("separate_whole")
+        bw, spw = sw.get("batched_whole"), sw.get("separate_whole")
         lines.append(f"| `--backend {label}` | {n1}, {n2} | {fmt_ms(sw['batched'])} | {fmt_ms(sw['separate'])} | "
-                     f"{sw['separate'] / sw['batched']:.2f}× | {fmt_ms(bw)} | {fmt_ms(sw_)} | {ratio(sw_, bw)} |")
+                     f"{sw['separate'] / sw['batched']:.2f}× | {fmt_ms(bw)} | {fmt_ms(spw)} | {ratio(spw, bw)} |")
 
     # memory
     lines += ["", "## Memory (MiB): peak resident memory above the baseline, against the arrays kept", "",

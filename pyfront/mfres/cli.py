@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import sys
@@ -207,8 +208,9 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
             click.echo(f"{result.steps_done} steps, s = {result.steps_done * config.ds:g}, "
                        f"final loss {result.loss:.6g}; wrote {out}", err=True)
             t = result.timing
-            click.echo(f"time: {t.backend:.3g} s stepping in the backend, {t.total - t.backend - t.compile:.3g} s "
-                       f"in the loop, snapshots and file ({100 * t.overhead:.1f} % of the stepping)", err=True)
+            share = f" ({100 * t.overhead:.1f} % of the stepping)" if math.isfinite(t.overhead) else ""
+            click.echo(f"time: {t.backend:.3g} s stepping in the backend, {t.rest:.3g} s in the loop, snapshots "
+                       f"and file{share}", err=True)
         startup = getattr(backend, "startup_seconds", 0.0)
         if startup:
             click.echo(f"Julia start-up and compilation: {startup:.1f} s of this run", err=True)

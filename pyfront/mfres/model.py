@@ -65,9 +65,9 @@ def learning_rate(L: int, M: int, ds: float) -> float:
 
 
 def sample_block(N: int, M: int) -> int:
-    """Samples per block of the threaded passes: as many as fill ``activations.CHUNK`` with a
-    block's nb·M activations, twice that where N still has at least two such blocks (fewer,
-    longer NumPy calls: at large, 64 samples a block made a step 1.17× faster than 32).
+    """Samples per block of the threaded passes: nb = CHUNK / M (a block's activations fill
+    ``activations.CHUNK``), or 2·nb where N holds at least two blocks of 2·nb (fewer, longer
+    NumPy calls: at large, 64 samples a block made a step 1.17× faster than 32).
 
     A function of the problem only (never of the thread count), so that results are too."""
     nb = max(1, CHUNK // max(M, 1))

@@ -43,10 +43,12 @@ ProgressFn = Callable[[int, int, float, float], None]
 class Timing:
     """Wall-clock seconds of one ``run``, from opening the run file to publishing it.
 
-    ``backend``: inside the backend's ``advance`` (the steps), less ``compile`` (Julia's
-    compilation of the kernels during the run); ``total``: everything, so that
-    ``total − backend − compile`` is the loop's own time and the file's (snapshots,
-    durable points, publishing) and ``overhead`` that time as a fraction of ``backend``.
+    ``backend``: inside the backend's ``advance`` (the steps), less ``compile`` (the growth
+    of the backend's ``startup_seconds`` during the run: the executable transport's
+    compilation of the kernels; juliacall reports none, so there its compilation counts as
+    stepping); ``total``: everything, so that ``rest`` = ``total − backend − compile`` is
+    the loop's own time and the file's (snapshots, durable points, publishing) and
+    ``overhead`` that time as a fraction of ``backend``.
     """
 
     total: float = 0.0
@@ -54,8 +56,12 @@ class Timing:
     compile: float = 0.0
 
     @property
+    def rest(self) -> float:
+        return self.total - self.backend - self.compile
+
+    @property
     def overhead(self) -> float:
-        return (self.total - self.backend - self.compile) / self.backend if self.backend > 0 else float("nan")
+        return self.rest / self.backend if self.backend > 0 else float("nan")
 
     def advance(self, backend: Backend, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
         """``backend.advance``, timed."""
@@ -213,10 +219,9 @@ def _again(command: str) -> str:
 
 
 def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backend, writer: RunWriter,
-          progress: ProgressFn | None, stop: StopFlag, command: str = "", timing: Timing | None = None) -> RunResult:
+          progress: ProgressFn | None, stop: StopFlag, command: str, clock: Timing) -> RunResult:
     steps, every = config.steps, config.snapshot_every
     assert every is not None
-    clock = timing or Timing()
     step = writer.start_step
     traj: Trajectory | None = None  # the last chunk, which ended at θ
     if writer.start_state is not None:
@@ -244,7 +249,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         elapsed = time.perf_counter() - t0
         bad = int(health.first_bad_step(traj.loss, start=e0))
         if bad >= 0:
-            return _diverged(config, writer, backend, problem, start_theta, step, traj, bad, e0)
+            return _diverged(config, writer, backend, problem, start_theta, step, traj, bad, e0, clock)
         writer.write_steps(step, traj.loss, traj.grad_norm)
         last_loss = float(traj.loss[-1])
         step += n
@@ -274,7 +279,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
 
 
 def _diverged(config: RunConfig, writer: RunWriter, backend: Backend, problem: Problem, theta: Particles,
-              step: int, traj: Any, k: int, e0: float) -> RunResult:
+              step: int, traj: Any, k: int, e0: float, clock: Timing) -> RunResult:
     """Keep the chunk up to its first bad E, snapshot that state, publish, raise ``RunStopped``.
 
     A non-finite E at index k keeps the steps before it; a finite E above RUNAWAY_FACTOR·E(0)
@@ -285,7 +290,7 @@ def _diverged(config: RunConfig, writer: RunWriter, backend: Backend, problem: P
     keep = k + 1 if finite else k
     writer.write_steps(step, traj.loss[:keep], traj.grad_norm[:keep])
     last = step + keep - 1
-    replay = backend.advance(theta, problem, config.ds, keep - 1) if keep > 1 else None  # to the last kept state
+    replay = clock.advance(backend, theta, problem, config.ds, keep - 1) if keep > 1 else None  # to the last kept state
     _snapshot(writer, last, theta, problem, replay)
     s_bad = (step + k) * config.ds
     if finite:
