@@ -57,10 +57,11 @@ end
 
 A batch of nets on the same data: net `j` (θ = `Us[j], Ws[j], bs[j]`, mutated in place)
 advances by `nsteps` GD steps, writing its E and RMS velocities into `losses[1:k, j]`,
-`norms[1:k, j]`. The nets run one after the other on one cached workspace, or, when
-they are below the kernels' parallel threshold (N·M·d < `PARALLEL_WORK`: each net's
-kernels run on one thread), spread over the threads, one workspace each; a net's
-numbers are the same either way. With
+`norms[1:k, j]`. The nets run one after the other on one cached workspace, or spread
+over the threads, one workspace each, when there are several threads and nets, the nets
+are CPU `Array`s below the kernels' parallel threshold (N·M·d < `PARALLEL_WORK`: each
+net's kernels run on one thread) and `stop_nonfinite` is false; a net's numbers are the
+same either way. With
 `stop_nonfinite` (meant for one net) a net stops at its first non-finite E and `k` is
 the number of values written for the last net; otherwise `k = nsteps + 1`.
 `predictions` (an `N × B` matrix, or `nothing`) receives each net's output a·z_L(x_i)
@@ -76,17 +77,24 @@ function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activatio
     σ = MFRes.activation(Symbol(activation); eta = eta)
     start === nothing || length(Us) == 1 || throw(ArgumentError("start is for one net"))
     B = length(Us)
+    B == 0 && return nsteps + 1
     d, M, _ = size(Us[1])
     np = min(Threads.nthreads(), B)
     if np > 1 && !stop_nonfinite && Us[1] isa Array && d * M * size(X, 2) < PARALLEL_WORK
         # nets this small run their kernels on one thread: spread the nets over the threads
         # instead, each thread with its own workspace (a net's numbers stay those of a serial run)
         cache = batch_workspaces(np, Us[1], X, memory)
-        Threads.@threads for t in 1:np
-            for j in t:np:B
-                advance_net!(cache[t], j, Us, Ws, bs, X, y, a, Δs, nsteps, σ, weight_decay, losses, norms,
-                             false, predictions, nothing)
+        serial_blas!()
+        IN_BATCH[] = true
+        try
+            Threads.@threads for t in 1:np
+                for j in t:np:B
+                    advance_net!(cache[t], j, Us, Ws, bs, X, y, a, Δs, nsteps, σ, weight_decay, losses, norms,
+                                 false, predictions, nothing)
+                end
             end
+        finally
+            IN_BATCH[] = false
         end
         return nsteps + 1
     end

@@ -159,6 +159,13 @@ function warmup(words)
                           view(losses, 1:2, :), view(norms, 1:2, :); stop_nonfinite = true, memory = "store",
                           predictions = pred, start = start)
     end
+    if Threads.nthreads() > 1  # a batch of small nets, spread over the threads
+        U2, W2, b2 = map(on_device, Any[U, copy(U)]), map(on_device, Any[W, copy(W)]), map(on_device, Any[b, copy(b)])
+        losses2, norms2, pred2 = zeros(2, 2), zeros(2, 2), zeros(T, N, 2)
+        Base.invokelatest(MFRes.advance_nets, U2, W2, b2, X, y, a, 0.01, 1, act, eta, 0.0,
+                          view(losses2, 1:2, :), view(norms2, 1:2, :); stop_nonfinite = false, memory = "store",
+                          predictions = pred2, start = nothing)
+    end
     Base.invokelatest(MFRes.gradient, U, W, b, X, y, a, act, eta, 0.0)
     return "ok"
 end

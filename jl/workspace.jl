@@ -17,7 +17,7 @@ Buffers for one problem size and element type, allocated once and reused by
 
 Also held: the adjoint `P (d, N)` and its update `Pn`, the scratch `Tm (M, N)`, the
 residual `r (N,)`, the gradient `gU, gW (d, M, L)`, `gb (M, L)`, and per-chunk partial
-gradients (two layers' worth) for the chunked path, `gUp`, `gWp` transposed `(M, d, chunk,
+gradients (two layers' worth) for the chunked path, `gUp`, `gWp` transposed `(M, d, nchunks,
 2)`: BLAS forms S·Pᵀ 1.3–1.4× faster than P·Sᵀ at these shapes.
 """
 mutable struct Workspace{T<:AbstractFloat,A3<:AbstractArray{T,3},A2<:AbstractArray{T,2},A1<:AbstractArray{T,1},
@@ -101,6 +101,10 @@ function ensure_derivative_buffers!(ws::Workspace{T}, σ::Activation) where {T}
     return nothing
 end
 
+# True while `advance_nets` runs nets on several Julia threads: it set BLAS to one thread
+# before they started, and no thread sets it again while the others are inside BLAS.
+const IN_BATCH = Ref(false)
+
 """
     serial_blas!()
 
@@ -108,4 +112,7 @@ Set BLAS to one thread. The chunked kernels run their own tasks, and a product's
 last bits may depend on how BLAS splits it: one BLAS thread, in every case (also with
 one Julia thread), is what makes the results independent of the thread count.
 """
-serial_blas!() = BLAS.set_num_threads(1)
+function serial_blas!()
+    IN_BATCH[] || BLAS.set_num_threads(1)
+    return nothing
+end

@@ -308,6 +308,8 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         Us, Ws, bs = [copy(p[1]) for p in probs], [copy(p[2]) for p in probs], [copy(p[3]) for p in probs]
         L5, N5, P5 = zeros(8, 5), zeros(8, 5), zeros(10, 5)
         @test MFRes.advance_nets(Us, Ws, bs, X, y, a, 0.5, 7, "tanh", 0.5, 0.01, L5, N5; predictions = P5) == 8
+        @test (MFRes.BATCH_CACHE[] !== nothing) == (Threads.nthreads() > 1)  # the nets went over the threads
+        @test !MFRes.IN_BATCH[]
         for j in 1:5
             U1, W1, b1 = copy(probs[j][1]), copy(probs[j][2]), copy(probs[j][3])
             l1, n1 = MFRes.advance_chunk(U1, W1, b1, X, y, a, 0.5, 7, "tanh", 0.5, 0.01)
