@@ -18,6 +18,18 @@ to_device(x, device::AbstractString) = device == "cpu" ? x : to_device(x, Val(Sy
 to_device(x, ::Val{D}) where {D} = throw(ArgumentError("device $D is not loaded; call MFRes.use_cuda!() after `using CUDA`"))
 
 const WORKSPACE_CACHE = Ref{Any}(nothing)
+const BATCH_CACHE = Ref{Any}(nothing)
+
+# `n` workspaces kept in `cache` while their sizes and memory mode fit, else n new ones
+function cached_workspaces(cache::Ref{Any}, n::Integer, U, X, memory::AbstractString)
+    mode = Symbol(memory)
+    wss = cache[]
+    if !(wss isa Vector && length(wss) >= n && all(ws -> fits(ws, U, X, mode), wss))
+        wss = [Workspace(U, X; memory = mode) for _ in 1:n]
+        cache[] = wss
+    end
+    return wss
+end
 
 """
     cached_workspace(U, X, memory = "store") -> Workspace
@@ -25,15 +37,7 @@ const WORKSPACE_CACHE = Ref{Any}(nothing)
 One workspace reused across calls, rebuilt when the size or the memory mode
 (`"store"` or `"recompute"`, see `Workspace`) changes.
 """
-function cached_workspace(U, X, memory::AbstractString = "store")
-    mode = Symbol(memory)
-    ws = WORKSPACE_CACHE[]
-    if !(ws isa Workspace && fits(ws, U, X, mode))
-        ws = Workspace(U, X; memory = mode)
-        WORKSPACE_CACHE[] = ws
-    end
-    return ws
-end
+cached_workspace(U, X, memory::AbstractString = "store") = cached_workspaces(WORKSPACE_CACHE, 1, U, X, memory)[1]
 
 """
     advance_chunk(U, W, b, X, y, a, Δs, nsteps, activation, eta, weight_decay; memory = "store") -> (losses, norms)
@@ -80,17 +84,18 @@ function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activatio
     B == 0 && return nsteps + 1
     d, M, _ = size(Us[1])
     np = min(Threads.nthreads(), B)
+    problem = (X = X, y = y, a = a, Δs = Δs, nsteps = nsteps, σ = σ, weight_decay = weight_decay)
+    out = (losses = losses, norms = norms, predictions = predictions)
     if np > 1 && !stop_nonfinite && Us[1] isa Array && d * M * size(X, 2) < PARALLEL_WORK
         # nets this small run their kernels on one thread: spread the nets over the threads
         # instead, each thread with its own workspace (a net's numbers stay those of a serial run)
-        cache = batch_workspaces(np, Us[1], X, memory)
+        cache = cached_workspaces(BATCH_CACHE, np, Us[1], X, memory)
         serial_blas!()
         IN_BATCH[] = true
         try
             Threads.@threads for t in 1:np
                 for j in t:np:B
-                    advance_net!(cache[t], j, Us, Ws, bs, X, y, a, Δs, nsteps, σ, weight_decay, losses, norms,
-                                 false, predictions, nothing)
+                    advance_net!(cache[t], (Us[j], Ws[j], bs[j]), j, problem, out, false, nothing)
                 end
             end
         finally
@@ -100,35 +105,22 @@ function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activatio
     end
     k = nsteps + 1
     for j in 1:B
-        k = advance_net!(cached_workspace(Us[j], X, memory), j, Us, Ws, bs, X, y, a, Δs, nsteps, σ, weight_decay,
-                         losses, norms, stop_nonfinite, predictions, start)
+        k = advance_net!(cached_workspace(Us[j], X, memory), (Us[j], Ws[j], bs[j]), j, problem, out,
+                         stop_nonfinite, start)
     end
     return k
 end
 
-function advance_net!(ws, j, Us, Ws, bs, X, y, a, Δs, nsteps, σ, weight_decay, losses, norms, stop_nonfinite,
-                      predictions, start)
-    k = gd!(ws, Us[j], Ws[j], bs[j], X, y, a, Δs, nsteps, σ; weight_decay = weight_decay,
-            losses = view(losses, :, j), norms = view(norms, :, j), stop_nonfinite = stop_nonfinite,
+# net j of a batch (θ = (U, W, b)) by p.nsteps steps, into column j of the outputs `out`
+function advance_net!(ws, θ, j, p, out, stop_nonfinite, start)
+    k = gd!(ws, θ..., p.X, p.y, p.a, p.Δs, p.nsteps, p.σ; weight_decay = p.weight_decay,
+            losses = view(out.losses, :, j), norms = view(out.norms, :, j), stop_nonfinite = stop_nonfinite,
             start = start)
-    if predictions !== nothing
+    if out.predictions !== nothing
         zL = view(ws.Z, :, :, size(ws.Z, 3))
-        copyto!(view(predictions, :, j), host_array(transpose(zL) * a))
+        copyto!(view(out.predictions, :, j), host_array(transpose(zL) * p.a))
     end
     return k
-end
-
-const BATCH_CACHE = Ref{Any}(nothing)
-
-# np workspaces for a batch spread over threads, kept while the sizes fit
-function batch_workspaces(np::Integer, U, X, memory::AbstractString)
-    mode = Symbol(memory)
-    cache = BATCH_CACHE[]
-    if !(cache isa Vector && length(cache) >= np && all(ws -> fits(ws, U, X, mode), cache))
-        cache = [Workspace(U, X; memory = mode) for _ in 1:np]
-        BATCH_CACHE[] = cache
-    end
-    return cache
 end
 
 """

@@ -14,7 +14,9 @@
 #       map the file (T = float64 | float32; o* are byte offsets; B = 0 for one net);
 #       losses and norms are (B, CAP + 1) Float64 in C order, the nets' outputs at their
 #       last state (B, N) in T
-#   warmup T ACT ETA        compile for one element type and activation (tiny problem)
+#   warmup T ACT ETA [batch]
+#                           compile for one element type and activation (tiny problem):
+#                           one net's path, or with "batch" a batch's
 #   advance N DS ACT ETA WD MEM [continue]
 #                           advance every net by N steps; "ok K S C": K values per net,
 #                           S seconds in the kernels; "continue" (one net): θ is where the
@@ -143,28 +145,31 @@ function gradient(words)
 end
 
 # Compile the kernels for one element type and activation on a tiny problem, so
-# that the first chunk's time is the kernels' and start-up is measured apart.
+# that the first chunk's time is the kernels' and start-up is measured apart. "batch":
+# the path of a batch of nets instead (over the threads where there are several),
+# compiled only when a batch is first asked for, so that one net's start-up never pays it.
 function warmup(words)
     T = eltype_of(words[1])
     act, eta = String(words[2]), parse(Float64, words[3])
+    batch = length(words) >= 4 && words[4] == "batch"
     d, M, L, N = 2, 3, 2, 4
     U, W, b = fill(T(0.1), d, M, L), fill(T(-0.2), d, M, L), fill(T(0.05), M, L)
     X, y, a = fill(T(0.3), d, N), fill(T(0.5), N), fill(T(1), d)
-    losses, norms, pred = zeros(2, 1), zeros(2, 1), zeros(T, N, 1)
-    # the argument types of `advance`'s call (its `map`s give concretely typed vectors),
-    # starting afresh and from a previous chunk
-    Us, Ws, bs = map(on_device, Any[U]), map(on_device, Any[W]), map(on_device, Any[b])
-    for start in (nothing, (0.0, 0.0))
-        Base.invokelatest(MFRes.advance_nets, Us, Ws, bs, X, y, a, 0.01, 1, act, eta, 0.0,
-                          view(losses, 1:2, :), view(norms, 1:2, :); stop_nonfinite = true, memory = "store",
-                          predictions = pred, start = start)
-    end
-    if Threads.nthreads() > 1  # a batch of small nets, spread over the threads
+    # the argument types of `advance`'s call (its `map`s give concretely typed vectors)
+    if batch
         U2, W2, b2 = map(on_device, Any[U, copy(U)]), map(on_device, Any[W, copy(W)]), map(on_device, Any[b, copy(b)])
         losses2, norms2, pred2 = zeros(2, 2), zeros(2, 2), zeros(T, N, 2)
         Base.invokelatest(MFRes.advance_nets, U2, W2, b2, X, y, a, 0.01, 1, act, eta, 0.0,
                           view(losses2, 1:2, :), view(norms2, 1:2, :); stop_nonfinite = false, memory = "store",
                           predictions = pred2, start = nothing)
+        return "ok"
+    end
+    losses, norms, pred = zeros(2, 1), zeros(2, 1), zeros(T, N, 1)
+    Us, Ws, bs = map(on_device, Any[U]), map(on_device, Any[W]), map(on_device, Any[b])
+    for start in (nothing, (0.0, 0.0))  # afresh and from a previous chunk
+        Base.invokelatest(MFRes.advance_nets, Us, Ws, bs, X, y, a, 0.01, 1, act, eta, 0.0,
+                          view(losses, 1:2, :), view(norms, 1:2, :); stop_nonfinite = true, memory = "store",
+                          predictions = pred, start = start)
     end
     Base.invokelatest(MFRes.gradient, U, W, b, X, y, a, act, eta, 0.0)
     return "ok"

@@ -209,9 +209,14 @@ def test_exe_transport_returns_the_output_at_the_last_state(exe_backends: dict[i
     np.testing.assert_allclose(traj.prediction, model.predict(theta, prob.x, prob.a, prob.activation), rtol=1e-12)
     nets = [_problem("tanh", 5, 12, 3, 24, 0.01, "float64", seed=s)[0] for s in (3, 4)]
     batch = Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
+    s0 = jl.startup_seconds
     traj = jl.advance(batch, prob, 0.2, 4)
+    s1 = jl.startup_seconds
+    assert s1 > s0  # a batch's path is compiled (warmed up) when a batch first comes, not at start-up
     assert traj.prediction.shape == (2, 24)
     np.testing.assert_allclose(traj.prediction, model.predict(batch, prob.x, prob.a, prob.activation), rtol=1e-12)
+    jl.advance(batch, prob, 0.2, 1)
+    assert jl.startup_seconds == s1
 
 
 def test_exe_chunks_that_continue_reuse_the_gradient_with_the_same_numbers(

@@ -195,7 +195,7 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
                 click.echo(f"mfres {__version__}: L={config.depth} M={config.width} data={config.data} "
                            f"activation={config.activation} init={config.init} Δs={config.ds:g} "
                            f"backend={backend.name} dtype={config.dtype}", err=True)
-                if hasattr(backend, "startup_seconds"):
+                if backend.name == "julia":
                     click.echo(f"{backend.describe()}; the first chunk compiles the kernels (once per process)",
                                err=True)
             with _training_bar(quiet, config.steps, out if resume else None) as progress:
@@ -211,7 +211,7 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
             share = f" ({100 * t.overhead:.1f} % of the stepping)" if math.isfinite(t.overhead) else ""
             click.echo(f"time: {t.backend:.3g} s stepping in the backend, {t.rest:.3g} s in the loop, snapshots "
                        f"and file{share}", err=True)
-        startup = getattr(backend, "startup_seconds", 0.0)
+        startup = backend.startup_seconds
         if startup:
             click.echo(f"Julia start-up and compilation: {startup:.1f} s of this run", err=True)
     for w in result.warnings:

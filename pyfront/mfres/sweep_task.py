@@ -40,7 +40,7 @@ def worker_backend(name: str, threads: int | None, device: str, memory: str) -> 
 
 def startup_total() -> float:
     """Seconds this process's backends have spent starting Julia and compiling its kernels."""
-    return sum(float(getattr(b, "startup_seconds", 0.0)) for b in _BACKENDS.values())
+    return sum(float(b.startup_seconds) for b in _BACKENDS.values())
 
 
 def batch_bytes(config: RunConfig, N: int, d: int, B: int) -> int:

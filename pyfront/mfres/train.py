@@ -65,9 +65,9 @@ class Timing:
 
     def advance(self, backend: Backend, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
         """``backend.advance``, timed."""
-        c0, t0 = getattr(backend, "startup_seconds", 0.0), time.perf_counter()
+        c0, t0 = backend.startup_seconds, time.perf_counter()
         traj = backend.advance(theta, problem, ds, n)
-        compiled = getattr(backend, "startup_seconds", 0.0) - c0
+        compiled = backend.startup_seconds - c0
         self.compile += compiled
         self.backend += time.perf_counter() - t0 - compiled
         return traj

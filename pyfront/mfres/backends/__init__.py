@@ -15,8 +15,10 @@ with a leading axis B) advances every net by n steps (E and velocities of shape
 
 Backends: ``numpy_backend.NumpyBackend`` (the reference), ``julia_backend.JuliaBackend``
 (juliacall, in-process) and ``julia_exe.JuliaExeBackend`` (a Julia executable in a child
-process, arrays in shared memory). Julia backends have ``transport``, ``threads``,
-``startup_seconds`` (Julia's start and compilation), ``describe()`` and ``close()``.
+process, arrays in shared memory). Every backend has ``startup_seconds``: the seconds it
+has spent starting and compiling so far (Julia's start and each first compilation; 0 for
+NumPy), which the training loop keeps apart from the steps. Julia backends also have
+``transport``, ``threads``, ``describe()`` and ``close()``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Backend(Protocol):
     """The interface every backend implements."""
 
     name: str
+    startup_seconds: float  # start-up and compilation so far, accumulated (s)
 
     def loss_and_grad(self, theta: Particles, problem: Problem) -> tuple[float, Particles]:
         """E(θ) and ∇_θ E (exact for the finite net)."""

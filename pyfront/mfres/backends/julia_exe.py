@@ -244,7 +244,7 @@ class JuliaExeBackend:
     Attributes after start: ``exe``, ``version``, ``threads`` (Julia's count),
     ``threads_from`` (--threads, JULIA_NUM_THREADS or all cores), ``pid``, and
     ``startup_seconds``: Julia's start plus compilation, accumulated (the first
-    chunk of each dtype and activation compiles the kernels once), and
+    chunk of each dtype, activation and one net or batch compiles the kernels once), and
     ``kernel_seconds``: the time the last ``advance`` spent in the kernels (timed in Julia),
     ``continued``: whether it started from the ∇E the previous chunk left (see ``advance``).
     """
@@ -263,7 +263,7 @@ class JuliaExeBackend:
         self.device = device
         self.memory = memory
         self._shared: _Shared | None = None
-        self._warm: set[tuple[str, str, float]] = set()
+        self._warm: set[tuple[str, str, float, bool]] = set()
         self._buf = b""
         self.kernel_seconds = 0.0
         self.continued = False
@@ -367,10 +367,10 @@ class JuliaExeBackend:
                 sh.unlink()  # both sides hold mappings; no file is left behind
             self._shared = sh
         act = problem.activation
-        key = (name, act.name, float(act.eta))
+        key = (name, act.name, float(act.eta), B > 0)
         if key not in self._warm:
             t0 = time.perf_counter()
-            self._request(f"warmup {name} {act.name} {float(act.eta)!r}")
+            self._request(f"warmup {name} {act.name} {float(act.eta)!r}" + (" batch" if B > 0 else ""))
             self.startup_seconds += time.perf_counter() - t0
             self._warm.add(key)
         tb = theta.batched()

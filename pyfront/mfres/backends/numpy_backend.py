@@ -80,6 +80,7 @@ class NumpyBackend:
     """
 
     name = "numpy"
+    startup_seconds = 0.0  # nothing to start or compile
 
     def __init__(self, memory: str = "auto", threads: int | None = None) -> None:
         self.memory = memory
