@@ -128,13 +128,14 @@ def particle_subset(M: int, K: int | None, seed: int) -> np.ndarray:
 def snapshot_moments(U: np.ndarray, W: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     """Per-layer moments over all M particles of one state (L, M, ...), in float64."""
     out = {}
+    M = U.shape[1]
     for name, v in (("U", U), ("W", W)):
-        v64 = v.astype(np.float64)
+        v64 = np.asarray(v, dtype=np.float64)  # no copy of a float64 state: a snapshot's cost is its bytes
         out[f"{name}_mean"] = v64.mean(axis=1)
-        out[f"{name}_sq"] = (v64**2).sum(axis=2).mean(axis=1)
-    b64 = b.astype(np.float64)
+        out[f"{name}_sq"] = np.einsum("lmk,lmk->l", v64, v64) / M
+    b64 = np.asarray(b, dtype=np.float64)
     out["b_mean"] = b64.mean(axis=1)
-    out["b_sq"] = (b64**2).mean(axis=1)
+    out["b_sq"] = np.einsum("lm,lm->l", b64, b64) / M
     return out
 
 

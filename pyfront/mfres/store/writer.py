@@ -254,7 +254,7 @@ class RunWriter:
 
     def write_snapshot(self, step: int, theta: Particles, prediction: np.ndarray) -> None:
         """Record a snapshot at ``step``: the stored particles, the output a·z_L(x_i), the moments."""
-        sub = self.subset
+        sub = self.subset if len(self.subset) < theta.shape[1] else slice(None)  # a slice copies faster
         snap = {"snapshot_step": np.int64(step), "U": theta.U[:, sub].copy(), "W": theta.W[:, sub].copy(),
                 "b": theta.b[:, sub].copy(), "prediction": np.asarray(prediction, np.float64).copy()}
         snap.update(snapshot_moments(theta.U, theta.W, theta.b))
