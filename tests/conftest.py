@@ -28,6 +28,12 @@ def julia_executable() -> str | None:
 JULIA = julia_executable()
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per available core, at most 4 (a worker may start Julia children,
+    each near 1 GB while it compiles)."""
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))
+
+
 @pytest.fixture
 def julia() -> str:
     if JULIA is None:
@@ -37,7 +43,11 @@ def julia() -> str:
 
 # Hidden from the start (not only inside each test), so that environments copied at
 # import time, e.g. a module's ``dict(os.environ, ...)`` for subprocesses, hide it too.
-_USER_TRANSPORT = os.environ.get("MFRES_JULIA_TRANSPORT")
+# The user's value is kept in the environment too: pytest-xdist's workers inherit the
+# hidden one from the process that imported this file first.
+_KEPT = "MFRES_TESTS_USER_TRANSPORT"
+os.environ.setdefault(_KEPT, os.environ.get("MFRES_JULIA_TRANSPORT", ""))
+_USER_TRANSPORT = os.environ[_KEPT] or None
 os.environ["MFRES_JULIA_TRANSPORT"] = "none"
 
 

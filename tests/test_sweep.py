@@ -642,7 +642,10 @@ def test_describe_and_is_sweep_file(tmp_path: Path, reference: xr.Dataset) -> No
 def test_ctrl_c_keeps_finished_runs(tmp_path: Path) -> None:
     """SIGINT of `mfres sweep`: one line, exit 1, the finished runs kept and published, the lock released."""
     out = tmp_path / "s.nc"
-    args = [*CLI, "sweep", "-L", "3", "-M", "48,64,80,96", "--seeds", "3", "-d", "2", "-N", "32", "--steps", "1500",
+    # the first segment comes after one of six tasks: the rest lasts long enough that the
+    # signal lands mid-sweep on a loaded machine (pytest-xdist's other worker) too
+    args = [*CLI, "sweep", "-L", "3", "-M", "48,64,80,96,112,128", "--seeds", "3", "-d", "2", "-N", "32",
+            "--steps", "1500",
             "--ds", "0.2", "--scheduler", "synchronous", "--quiet", "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_a_segment(out, proc)
