@@ -403,3 +403,73 @@ def test_run_says_where_its_time_went(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     line = [s for s in res.output.splitlines() if s.startswith("time: ")]
     assert len(line) == 1 and "s stepping in the backend" in line[0] and "% of the stepping" in line[0]
+
+
+def test_durable_points_are_written_while_a_child_process_steps(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the backend ``overlaps`` (the executable transport), each durable point is written
+    while the next chunk runs: it holds the state of the step it names (that of an independent
+    NumPy run to that step, bit for bit), the file equals a plain NumPy run's, and the run's
+    time split counts the hidden writing as stepping."""
+    import threading
+    import time
+
+    from mfres.backends import Problem
+    from mfres.backends.numpy_backend import NumpyBackend
+    from mfres.config import RunConfig
+    from mfres.store import writer as writer_mod
+    from mfres.train import prepare, run
+
+    spans: list[tuple[float, float, float]] = []  # (begin, end, seconds in the "child")
+
+    class Overlapping(NumpyBackend):
+        overlaps, kernel_seconds = True, 0.0
+
+        def begin_advance(self, theta, problem, ds, n):  # type: ignore[no-untyped-def]
+            box: dict = {}
+            t0 = time.perf_counter()
+
+            def child() -> None:
+                time.sleep(0.06)  # longer than a durable point of this tiny run
+                box["traj"] = NumpyBackend.advance(self, theta, problem, ds, n)
+
+            worker = threading.Thread(target=child)
+            worker.start()
+
+            def finish():  # type: ignore[no-untyped-def]
+                worker.join()
+                self.kernel_seconds = time.perf_counter() - t0
+                spans.append((t0, time.perf_counter(), self.kernel_seconds))
+                return box["traj"]
+
+            return finish
+
+    commits: list[tuple[int, mfres.model.Particles, float, float]] = []
+    plain_commit = writer_mod.RunWriter.commit
+
+    def recording_commit(self, step, theta, publish=False):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        plain_commit(self, step, theta, publish)
+        if not publish:
+            commits.append((step, theta.copy(), t0, time.perf_counter()))
+
+    monkeypatch.setattr(writer_mod, "DURABLE_SECONDS", 0.0)  # a durable point at every chunk boundary
+    monkeypatch.setattr(writer_mod.RunWriter, "commit", recording_commit)
+    config = RunConfig(depth=3, width=6, dim=2, samples=8, steps=12, snapshot_every=3, ds=0.5, backend="numpy")
+    t = run(config, str(tmp_path / "o.nc"), backend=Overlapping(), warn=False).timing
+    assert len(commits) >= 4 and commits[0][0] == 1  # the first chunk (one step) is too short to hide one
+    for step, _, c0, c1 in commits:  # each one inside a chunk's span
+        assert any(b0 <= c0 and c1 <= b1 for b0, b1, _ in spans), step
+    _, theta0, problem = prepare(config)
+    for step, state, _, _ in commits:
+        ref = theta0.copy()
+        NumpyBackend().advance(ref, Problem(problem.x, problem.y, problem.a, problem.activation), config.ds, step)
+        for v in "UWb":
+            np.testing.assert_array_equal(getattr(state, v), getattr(ref, v), err_msg=f"step {step}")
+    monkeypatch.setattr(writer_mod.RunWriter, "commit", plain_commit)
+    run(config, str(tmp_path / "p.nc"), backend=NumpyBackend(), warn=False)
+    with xr.open_dataset(tmp_path / "o.nc") as o, xr.open_dataset(tmp_path / "p.nc") as p:
+        for name in ("loss", "grad_norm", "U", "W", "b", "prediction", "state_U", "state_W", "state_b"):
+            np.testing.assert_array_equal(o[name].values, p[name].values, err_msg=name)
+    # the writing was hidden: stepping is the chunks' whole spans, not their spans less the writing
+    assert t.backend >= 0.999 * sum(k for _, _, k in spans)

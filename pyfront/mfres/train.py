@@ -10,6 +10,7 @@ on SIGINT/SIGTERM (after the current chunk) or on a storage error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -48,7 +49,9 @@ class Timing:
     compilation of the kernels; juliacall reports none, so there its compilation counts as
     stepping); ``total``: everything, so that ``rest`` = ``total − backend − compile`` is
     the loop's own time and the file's (snapshots, durable points, publishing) and
-    ``overhead`` that time as a fraction of ``backend``.
+    ``overhead`` that time as a fraction of ``backend``. Work done while a chunk runs in a
+    child process (``chunk``'s ``meanwhile``) counts as stepping up to the chunk's own time
+    in the child (``kernel_seconds``): it cost the run no wall-clock time.
     """
 
     total: float = 0.0
@@ -71,6 +74,30 @@ class Timing:
         self.compile += compiled
         self.backend += time.perf_counter() - t0 - compiled
         return traj
+
+    def chunk(self, backend: Backend, theta: Particles, problem: Problem, ds: float, n: int,
+              meanwhile: Callable[[], None] | None = None) -> tuple[Trajectory, float]:
+        """``backend.advance`` with ``meanwhile()`` run during the chunk where the backend
+        ``overlaps`` (after it elsewhere); returns the trajectory and the chunk's stepping seconds."""
+        c0, t0 = backend.startup_seconds, time.perf_counter()
+        finish = backend.begin_advance(theta, problem, ds, n)
+        t1 = time.perf_counter()
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    finish()  # the child's reply, so that the backend stays usable
+                raise
+        t2 = time.perf_counter()
+        traj = finish()
+        t3 = time.perf_counter()
+        compiled = backend.startup_seconds - c0
+        hidden = min(t2 - t1, backend.kernel_seconds) if backend.overlaps else 0.0
+        stepping = (t1 - t0) + (t3 - t2) + hidden - compiled
+        self.compile += compiled
+        self.backend += stepping
+        return traj, stepping
 
 
 @dataclass
@@ -227,7 +254,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
     if writer.start_state is not None:
         theta = writer.start_state
         e0 = writer.e0
-    else:  # E(0), the step-0 snapshot and the first durable point: the run file exists from here on
+    else:  # E(0) and the step-0 snapshot; the first durable point comes with the first chunk
         traj = clock.advance(backend, theta, problem, config.ds, 0)
         e0 = float(traj.loss[0])
         writer.write_steps(0, traj.loss, traj.grad_norm)
@@ -237,16 +264,22 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
                    f"for this net; the file keeps that step")
             writer.finish("diverged", msg, 0, theta)
             raise RunStopped(msg)
-        writer.commit(0, theta)
+    # A durable point is owed at a chunk boundary (the first one of a fresh run: the run file
+    # exists from then on) and made with the next chunk: while it runs, where the backend runs
+    # it in a child process, so that the file costs no wall-clock time. The first chunk (one
+    # step, which measures the rate) is too short for that: the point then waits for the next
+    # boundary. A run that stops first publishes everything anyway.
+    owed = writer.start_state is None
     chunk, last_loss, rate = 1, e0 if step == 0 else float("nan"), 0.0
     while True:
         if stop.signal is not None or step == steps:
             break
         n = min(chunk, steps - step, every - step % every)
         start_theta = theta.copy()
-        t0 = time.perf_counter()
-        traj = clock.advance(backend, theta, problem, config.ds, n)
-        elapsed = time.perf_counter() - t0
+        now = owed and (rate > 0 or not backend.overlaps)
+        meanwhile = functools.partial(writer.commit, step, start_theta) if now else None
+        traj, elapsed = clock.chunk(backend, theta, problem, config.ds, n, meanwhile)
+        owed = owed and not now
         bad = int(health.first_bad_step(traj.loss, start=e0))
         if bad >= 0:
             return _diverged(config, writer, backend, problem, start_theta, step, traj, bad, e0, clock)
@@ -260,7 +293,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         if step == steps or step % every == 0:
             _snapshot(writer, step, theta, problem, traj)
         if step < steps and stop.signal is None and writer.due():
-            writer.commit(step, theta)
+            owed = True
     if step == steps and stop.signal is None:
         status, msg = "finished", ""
     else:

@@ -19,11 +19,20 @@ process, arrays in shared memory). Every backend has ``startup_seconds``: the se
 has spent starting and compiling so far (Julia's start and each first compilation; 0 for
 NumPy), which the training loop keeps apart from the steps. Julia backends also have
 ``transport``, ``threads``, ``describe()`` and ``close()``.
+
+``begin_advance(theta, problem, ds, n)`` is ``advance`` in two halves: it returns a function
+that finishes the chunk and returns its ``Trajectory``. Between the two, ``theta`` must be
+neither read nor written and no other call made to the backend. A backend with ``overlaps``
+(the executable transport) returns while the chunk runs in its child process, so that the
+caller's own work (the run file's durable points) runs meanwhile; it then reports the
+chunk's duration in the child as ``kernel_seconds``. The others run the chunk at once.
+
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,6 +97,7 @@ class Backend(Protocol):
 
     name: str
     startup_seconds: float  # start-up and compilation so far, accumulated (s)
+    overlaps: bool  # begin_advance returns while the chunk runs elsewhere
 
     def loss_and_grad(self, theta: Particles, problem: Problem) -> tuple[float, Particles]:
         """E(θ) and ∇_θ E (exact for the finite net)."""
@@ -96,6 +106,18 @@ class Backend(Protocol):
     def advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
         """n GD steps in place; see the module docstring."""
         ...
+
+    def begin_advance(self, theta: Particles, problem: Problem, ds: float,
+                      n: int) -> Callable[[], Trajectory]:
+        """``advance`` in two halves; see the module docstring."""
+        ...
+
+
+def run_at_once(backend: Backend, theta: Particles, problem: Problem, ds: float,
+                n: int) -> Callable[[], Trajectory]:
+    """``begin_advance`` of a backend that runs in the calling thread: the whole chunk, now."""
+    traj = backend.advance(theta, problem, ds, n)
+    return lambda: traj
 
 
 TRANSPORT_VARIABLE = "MFRES_JULIA_TRANSPORT"

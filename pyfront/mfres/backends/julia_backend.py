@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..model import Particles
-from . import Problem, Trajectory, blas_environment, kernel_memory
+from . import Problem, Trajectory, blas_environment, kernel_memory, run_at_once
 
 MIN_JULIA = (1, 10, 3)
 EXCLUDED_JULIA = {(1, 10, 1), (1, 10, 2)}
@@ -245,6 +246,7 @@ class JuliaBackend:
 
     name = "julia"
     transport = "juliacall"
+    overlaps = False  # Julia runs in this process, in the calling thread
 
     def __init__(self, threads: int | None = None, device: str = "cpu", memory: str = "auto") -> None:
         self.jl = start_julia(threads, device)
@@ -307,6 +309,9 @@ class JuliaBackend:
                                               memory=kernel_memory(self.memory, theta, problem))
         self._copy_back(theta, U, W, b)
         return Trajectory(np.array(losses, dtype=np.float64), np.array(norms, dtype=np.float64))
+
+    def begin_advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Callable[[], Trajectory]:
+        return run_at_once(self, theta, problem, ds, n)
 
     def _advance_batch(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
         X, y, a = self._problem(problem)

@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,7 @@ class JuliaExeBackend:
 
     name = "julia"
     transport = "executable"
+    overlaps = True  # a chunk runs in the child while the caller writes its file
 
     def __init__(self, exe: str | None = None, threads: int | None = None, device: str = "cpu",
                  memory: str = "auto") -> None:
@@ -326,7 +328,8 @@ class JuliaExeBackend:
             raise BackendError(f"Julia: {rest}")
         raise BackendError(f"unexpected reply from the Julia process while {doing}: {line[:200]!r}")
 
-    def _request(self, line: str) -> list[str]:
+    def _send(self, line: str) -> str:
+        """Write one request; return what the child is then doing (for messages)."""
         if self.proc.poll() is not None or self.proc.stdin is None or self.proc.stdin.closed:
             raise self._died(f"idle (before '{line.split()[0]}')")
         doing = f"running '{line.split()[0]}'"
@@ -335,12 +338,18 @@ class JuliaExeBackend:
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise self._died(doing) from None
+        return doing
+
+    def _receive(self, doing: str) -> list[str]:
         try:
             return self._read_reply("ok", doing)
         except KeyboardInterrupt:
             # the reply would come out of step with the next request: stop the child
             self.close()
             raise
+
+    def _request(self, line: str) -> list[str]:
+        return self._receive(self._send(line))
 
     # --- shared memory -------------------------------------------------------
 
@@ -399,23 +408,34 @@ class JuliaExeBackend:
         A chunk that starts where the previous one ended (same data, θ unchanged) reuses
         that chunk's last ∇E: n gradient evaluations for n steps, not n + 1, the same numbers.
         """
+        return self.begin_advance(theta, problem, ds, n)()
+
+    def begin_advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Callable[[], Trajectory]:
+        """Send the chunk to the child and return while it runs (see the Backend interface):
+        until the returned function is called, ``theta`` keeps the state the chunk started from."""
         sh, unchanged = self._prepare(theta, problem, n)
         mode = kernel_memory(self.memory, theta, problem)
         # θ where the last chunk left it: the server still holds its ∇E (it checks the rest)
         cont = " continue" if unchanged and n > 0 and not theta.batch else ""
-        reply = self._request(f"advance {int(n)} {float(ds)!r} {self._tail(problem)} {mode}{cont}")
-        k, self.kernel_seconds = int(reply[0]), float(reply[1])
-        self.continued = len(reply) > 2 and reply[2] == "1"
-        tb = theta.batched()
-        tb.U[...] = sh.arrays["U"]
-        tb.W[...] = sh.arrays["W"]
-        tb.b[...] = sh.arrays["b"]
-        loss = sh.arrays["loss"][:, :k].T.copy()
-        norm = sh.arrays["norm"][:, :k].T.copy()
-        pred = sh.arrays["pred"].copy()
-        if not theta.batch:
-            loss, norm, pred = loss[:, 0], norm[:, 0], pred[0]
-        return Trajectory(loss, norm, pred)
+        doing = self._send(f"advance {int(n)} {float(ds)!r} {self._tail(problem)} {mode}{cont}")
+        self.kernel_seconds = 0.0
+
+        def finish() -> Trajectory:
+            reply = self._receive(doing)
+            k, self.kernel_seconds = int(reply[0]), float(reply[1])
+            self.continued = len(reply) > 2 and reply[2] == "1"
+            tb = theta.batched()
+            tb.U[...] = sh.arrays["U"]
+            tb.W[...] = sh.arrays["W"]
+            tb.b[...] = sh.arrays["b"]
+            loss = sh.arrays["loss"][:, :k].T.copy()
+            norm = sh.arrays["norm"][:, :k].T.copy()
+            pred = sh.arrays["pred"].copy()
+            if not theta.batch:
+                loss, norm, pred = loss[:, 0], norm[:, 0], pred[0]
+            return Trajectory(loss, norm, pred)
+
+        return finish
 
     def loss_and_grad(self, theta: Particles, problem: Problem) -> tuple[float, Particles]:
         """E(θ) and ∇E for one net."""

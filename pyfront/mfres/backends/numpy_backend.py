@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import model
 from ..model import Particles
-from . import Problem, Trajectory
+from . import Problem, Trajectory, run_at_once
 
 
 def memory_budget() -> int:
@@ -81,6 +81,7 @@ class NumpyBackend:
 
     name = "numpy"
     startup_seconds = 0.0  # nothing to start or compile
+    overlaps = False
 
     def __init__(self, memory: str = "auto", threads: int | None = None) -> None:
         self.memory = memory
@@ -108,6 +109,9 @@ class NumpyBackend:
             E, g = model.loss_and_grad(theta, problem.x, problem.y, problem.a, problem.activation,
                                        problem.weight_decay, work)
         return E, g
+
+    def begin_advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Callable[[], Trajectory]:
+        return run_at_once(self, theta, problem, ds, n)
 
     def advance(self, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
         """n GD steps in place. A chunk that starts where the previous one ended (same data, θ
