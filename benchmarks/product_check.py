@@ -10,7 +10,7 @@ with the file kept as a user's run keeps it), Julia's reported start-up is subtr
 and in the same run: the NumPy backend alone and JAX jit (fresh processes,
 ``contenders.py``), the loop's and file's share of one run as `mfres simulate` reports it
 (goal 4), the Julia kernels alone (``julia_bench.jl``), and `mfres sweep
---backend julia` batched against ``--keep-runs`` (16 seeds, small size, 100 and 4100
+--backend julia` batched against ``--keep-runs`` (16 seeds, small size, 100 and 40100
 steps). Prints one line per figure.
 """
 
@@ -46,7 +46,7 @@ def main() -> None:
     julia = find_julia(a.julia)
     env = product_env(julia)
     print(f"load at the start {load()}")
-    for key in a.sizes.split(","):
+    for key in filter(None, a.sizes.split(",")):  # --sizes "": the sweep alone
         size = DEFAULT if key == "default" else SIZES[key]
         n1, n2 = STEPS[key]
         line = [f"{key} {size}:"]

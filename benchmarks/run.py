@@ -213,7 +213,9 @@ def sweep_throughput(seeds: int, env: dict, repeats: int, backend: str | None) -
     separate runs pay it, and the sweep's fixed start of Python, imports and the Dask worker,
     the same in both, which pulls that ratio towards 1), the Julia start-up and compilation
     the sweep reports subtracted from both."""
-    n1, n2 = (100, 4100) if backend == "julia" else (100, 500)
+    # Julia: 40000 steps between the two, so that the difference between the modes (~20 s of
+    # 16 small nets) stands above the seconds by which two processes' start-ups differ
+    n1, n2 = (100, 40100) if backend == "julia" else (100, 500)
     out: dict = {}
     with tempfile.TemporaryDirectory() as folder:
         for mode, separate in (("batched", False), ("separate", True)):

@@ -44,10 +44,11 @@ def julia() -> str:
 # Hidden from the start (not only inside each test), so that environments copied at
 # import time, e.g. a module's ``dict(os.environ, ...)`` for subprocesses, hide it too.
 # The user's value is kept in the environment too: pytest-xdist's workers inherit the
-# hidden one from the process that imported this file first.
+# hidden one from the controlling process, which imported this file first.
 _KEPT = "MFRES_TESTS_USER_TRANSPORT"
-os.environ.setdefault(_KEPT, os.environ.get("MFRES_JULIA_TRANSPORT", ""))
-_USER_TRANSPORT = os.environ[_KEPT] or None
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ[_KEPT] = os.environ.get("MFRES_JULIA_TRANSPORT", "")
+_USER_TRANSPORT = os.environ.get(_KEPT) or None
 os.environ["MFRES_JULIA_TRANSPORT"] = "none"
 
 

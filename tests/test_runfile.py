@@ -338,7 +338,12 @@ def test_out_of_memory_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert res.exit_code == 5 and "out of memory" in res.output
 
 
-def test_a_crash_inside_the_run_is_recorded_as_failed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlaps", [False, True])
+@pytest.mark.parametrize("fails_at", [2, 4])  # 2: the first chunk, before any durable point was made
+def test_a_crash_inside_the_run_is_recorded_as_failed(tmp_path: Path, fails_at: int, overlaps: bool) -> None:
+    """A backend that fails in a chunk (here out of memory; the first one or a later one, in
+    the calling thread or as a backend that ``overlaps`` would) leaves a file that says so and
+    keeps every step up to the chunk."""
     from mfres.backends.numpy_backend import NumpyBackend
     from mfres.config import RunConfig
     from mfres.train import run
@@ -348,17 +353,23 @@ def test_a_crash_inside_the_run_is_recorded_as_failed(tmp_path: Path) -> None:
 
         def advance(self, theta, problem, ds, n):  # type: ignore[no-untyped-def]
             self.calls += 1
-            if self.calls == 4:
+            if self.calls == fails_at:
                 raise MemoryError
             return super().advance(theta, problem, ds, n)
 
+    backend = RunsOutOfMemory()
+    backend.overlaps = overlaps
     out = tmp_path / "oom.nc"
     config = RunConfig(depth=2, width=4, dim=2, samples=8, steps=40, snapshot_every=5, backend="numpy")
     with pytest.raises(MemoryError):
-        run(config, str(out), backend=RunsOutOfMemory())
+        run(config, str(out), backend=backend)
     ds = mfres.open_run(str(out), load=True)
     assert ds.attrs["status"] == "failed" and "MemoryError" in ds.attrs["status_message"]
     assert "stopped without closing" not in cli("info", str(out)).stdout
+    done = int(ds.attrs["steps_done"])
+    assert ds.sizes["step"] == done + 1 and np.isfinite(ds["loss"].values).all()
+    if fails_at == 2:  # the durable point the failed chunk was to carry is there all the same
+        assert done == 0
 
 
 def test_info_on_a_file_that_is_not_a_run(tmp_path: Path) -> None:

@@ -78,9 +78,19 @@ class Timing:
     def chunk(self, backend: Backend, theta: Particles, problem: Problem, ds: float, n: int,
               meanwhile: Callable[[], None] | None = None) -> tuple[Trajectory, float]:
         """``backend.advance`` with ``meanwhile()`` run during the chunk where the backend
-        ``overlaps`` (after it elsewhere); returns the trajectory and the chunk's stepping seconds."""
+        ``overlaps``, else before it (a chunk that fails must not take the durable point with it);
+        returns the trajectory and the chunk's stepping seconds."""
+        if meanwhile is not None and not backend.overlaps:
+            meanwhile()
+            meanwhile = None
         c0, t0 = backend.startup_seconds, time.perf_counter()
-        finish = backend.begin_advance(theta, problem, ds, n)
+        try:
+            finish = backend.begin_advance(theta, problem, ds, n)
+        except BaseException:
+            if meanwhile is not None:
+                with contextlib.suppress(Exception):
+                    meanwhile()
+            raise
         t1 = time.perf_counter()
         if meanwhile is not None:
             try:
@@ -278,7 +288,13 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         start_theta = theta.copy()
         now = owed and (rate > 0 or not backend.overlaps)
         meanwhile = functools.partial(writer.commit, step, start_theta) if now else None
-        traj, elapsed = clock.chunk(backend, theta, problem, config.ds, n, meanwhile)
+        try:
+            traj, elapsed = clock.chunk(backend, theta, problem, config.ds, n, meanwhile)
+        except BaseException:
+            if owed and not now:  # the point this chunk was not to carry: keep what was computed
+                with contextlib.suppress(Exception):
+                    writer.commit(step, start_theta)
+            raise
         owed = owed and not now
         bad = int(health.first_bad_step(traj.loss, start=e0))
         if bad >= 0:

@@ -96,8 +96,13 @@ class Backend(Protocol):
     """The interface every backend implements."""
 
     name: str
-    startup_seconds: float  # start-up and compilation so far, accumulated (s)
     overlaps: bool  # begin_advance returns while the chunk runs elsewhere
+    kernel_seconds: float  # the last chunk's own time where it ran (s; 0 where not measured)
+
+    @property
+    def startup_seconds(self) -> float:
+        """Start-up and compilation so far, accumulated (s)."""
+        ...
 
     def loss_and_grad(self, theta: Particles, problem: Problem) -> tuple[float, Particles]:
         """E(θ) and ∇_θ E (exact for the finite net)."""

@@ -247,6 +247,7 @@ class JuliaBackend:
     name = "julia"
     transport = "juliacall"
     overlaps = False  # Julia runs in this process, in the calling thread
+    kernel_seconds = 0.0  # not measured apart
 
     def __init__(self, threads: int | None = None, device: str = "cpu", memory: str = "auto") -> None:
         self.jl = start_julia(threads, device)

@@ -267,6 +267,7 @@ class JuliaExeBackend:
         self._shared: _Shared | None = None
         self._warm: set[tuple[str, str, float, bool]] = set()
         self._buf = b""
+        self._pending: str | None = None  # a chunk sent and not yet finished (begin_advance)
         self.kernel_seconds = 0.0
         self.continued = False
         opts, self.threads_from = thread_option(threads)
@@ -328,8 +329,14 @@ class JuliaExeBackend:
             raise BackendError(f"Julia: {rest}")
         raise BackendError(f"unexpected reply from the Julia process while {doing}: {line[:200]!r}")
 
+    def _not_busy(self, what: str) -> None:
+        # the child reads and writes the shared arrays until its reply is read
+        if self._pending is not None:
+            raise BackendError(f"{what} while a chunk is still {self._pending}: finish it first")
+
     def _send(self, line: str) -> str:
         """Write one request; return what the child is then doing (for messages)."""
+        self._not_busy(f"a request ('{line.split()[0]}')")
         if self.proc.poll() is not None or self.proc.stdin is None or self.proc.stdin.closed:
             raise self._died(f"idle (before '{line.split()[0]}')")
         doing = f"running '{line.split()[0]}'"
@@ -356,6 +363,7 @@ class JuliaExeBackend:
     def _prepare(self, theta: Particles, problem: Problem, n: int) -> tuple[_Shared, bool]:
         """The shared file, holding ``problem``'s data and θ; and whether θ and the data were
         already there, unchanged since the last call (the server's ∇E is then θ's)."""
+        self._not_busy("new arrays")
         dtype = theta.U.dtype
         name = _dtype_name(dtype)
         L, M, d = theta.shape
@@ -418,10 +426,16 @@ class JuliaExeBackend:
         # θ where the last chunk left it: the server still holds its ∇E (it checks the rest)
         cont = " continue" if unchanged and n > 0 and not theta.batch else ""
         doing = self._send(f"advance {int(n)} {float(ds)!r} {self._tail(problem)} {mode}{cont}")
-        self.kernel_seconds = 0.0
+        self._pending, self.kernel_seconds = doing, 0.0
+        done: list[Trajectory] = []
 
         def finish() -> Trajectory:
-            reply = self._receive(doing)
+            if done:
+                return done[0]
+            try:
+                reply = self._receive(doing)
+            finally:
+                self._pending = None
             k, self.kernel_seconds = int(reply[0]), float(reply[1])
             self.continued = len(reply) > 2 and reply[2] == "1"
             tb = theta.batched()
@@ -433,7 +447,8 @@ class JuliaExeBackend:
             pred = sh.arrays["pred"].copy()
             if not theta.batch:
                 loss, norm, pred = loss[:, 0], norm[:, 0], pred[0]
-            return Trajectory(loss, norm, pred)
+            done.append(Trajectory(loss, norm, pred))
+            return done[0]
 
         return finish
 

@@ -81,7 +81,7 @@ class NumpyBackend:
 
     name = "numpy"
     startup_seconds = 0.0  # nothing to start or compile
-    overlaps = False
+    overlaps, kernel_seconds = False, 0.0
 
     def __init__(self, memory: str = "auto", threads: int | None = None) -> None:
         self.memory = memory
