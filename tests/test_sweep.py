@@ -386,11 +386,19 @@ def _workers_of(pid: int) -> list[int]:
     return out
 
 
-def _wait_for_a_segment(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for_finished_runs(out: Path, proc: subprocess.Popen, at_least: int = 1, timeout: float = 120) -> None:
+    """Until the sweep ``proc`` writing ``out`` has finished ``at_least`` runs (in a segment, or
+    already merged into the file: a segment may live only for milliseconds)."""
     parts = Path(str(out) + ".parts")
     deadline = time.monotonic() + timeout
-    while not list(parts.glob("seg-*.npz")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # the cluster is up and working
+    while proc.poll() is None and time.monotonic() < deadline:
+        if at_least == 1 and list(parts.glob("seg-*.npz")):
+            return
+        with contextlib.suppress(StorageError, ConfigError, OSError):  # not there yet, or being replaced
+            if (open_sweep(str(out))["status"].values.astype(str) == "ok").sum() >= at_least:
+                return
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep ended before the test could interrupt it"
 
 
 @pytest.mark.slow
@@ -401,7 +409,7 @@ def test_dask_workers_killed_repeatedly(tmp_path: Path, dask_reference: xr.Datas
     env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
     proc = subprocess.Popen([*CLI, "sweep", *DASK_SWEEP, "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)
-    _wait_for_a_segment(out, proc)
+    _wait_for_finished_runs(out, proc)
     killed, seen = 0, set()
     deadline = time.monotonic() + 120
     while killed < 3 and proc.poll() is None and time.monotonic() < deadline:
@@ -431,7 +439,7 @@ def test_dask_driver_killed(tmp_path: Path, dask_reference: xr.Dataset) -> None:
     out = tmp_path / "s.nc"
     proc = subprocess.Popen([*CLI, "sweep", *DASK_SWEEP, "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_for_a_segment(out, proc)
+    _wait_for_finished_runs(out, proc)
     workers = _workers_of(proc.pid)
     proc.kill()
     proc.wait()
@@ -642,13 +650,12 @@ def test_describe_and_is_sweep_file(tmp_path: Path, reference: xr.Dataset) -> No
 def test_ctrl_c_keeps_finished_runs(tmp_path: Path) -> None:
     """SIGINT of `mfres sweep`: one line, exit 1, the finished runs kept and published, the lock released."""
     out = tmp_path / "s.nc"
-    # the first segment comes after one of six tasks: the rest lasts long enough that the
-    # signal lands mid-sweep on a loaded machine (pytest-xdist's other worker) too
+    # six tasks, the first the smallest: the signal comes once the first has finished
     args = [*CLI, "sweep", "-L", "3", "-M", "48,64,80,96,112,128", "--seeds", "3", "-d", "2", "-N", "32",
             "--steps", "1500",
             "--ds", "0.2", "--scheduler", "synchronous", "--quiet", "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_a_segment(out, proc)
+    _wait_for_finished_runs(out, proc, at_least=3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and err.strip().startswith("Error: interrupted") and "Traceback" not in err, err
