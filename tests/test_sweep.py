@@ -654,7 +654,10 @@ def test_ctrl_c_keeps_finished_runs(tmp_path: Path) -> None:
     args = [*CLI, "sweep", "-L", "3", "-M", "48,64,80,96,112,128", "--seeds", "3", "-d", "2", "-N", "32",
             "--steps", "1500",
             "--ds", "0.2", "--scheduler", "synchronous", "--quiet", "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as a terminal's foreground job: a background job of a non-interactive shell (a CI
+    # script's `&`) inherits SIGINT ignored, and Python, like other programs, keeps it so
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_finished_runs(out, proc, at_least=3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
