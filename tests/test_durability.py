@@ -216,3 +216,42 @@ def test_disk_full_stop_is_recorded_as_failed(small_disk: Path) -> None:
     assert np.all(np.isfinite(ds["loss"].values))
     info = mfres_cli("info", str(out))
     assert "status: failed" in info.stdout and "stopped without closing" not in info.stdout
+
+
+def test_a_reader_racing_a_publication_reads_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publication that lands between a reader's opening of the published file and its
+    listing of the segments (which that publication absorbed and removed) must not show the
+    reader fewer steps than are durable: ``open_run`` sees the file replaced and reads again."""
+    from mfres.store import reader
+
+    out = tmp_path / "r.nc"
+    code = f"""
+import os
+from mfres.backends.numpy_backend import NumpyBackend
+from mfres.config import RunConfig
+from mfres.store import writer
+from mfres.train import run
+writer.DURABLE_SECONDS, writer.PUBLISH_SECONDS = 0, 1e9  # a segment at each chunk boundary, kept
+writer.RunWriter.finish = lambda self, *a, **k: os._exit(0)  # dies before its last publication
+run(RunConfig(depth=3, width=6, dim=2, samples=8, steps=30, snapshot_every=5, backend="numpy"),
+    {str(out)!r}, backend=NumpyBackend())
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env())
+    assert res.returncode == 0, res.stderr
+    whole = load_everything(out)
+    durable = int(whole.attrs["steps_done"])  # in segments beyond the published file
+    assert durable >= 20 and int(reader.read_attrs(str(out))["steps_done"]) < durable
+    real, calls = reader.pending_segments, []
+
+    def racing(path: str, attrs: dict) -> reader.Pending:
+        calls.append(path)
+        if len(calls) == 1:  # as a publication would: a new file renamed over it, its segments gone
+            shutil.copy2(path, str(out) + ".new")
+            os.replace(str(out) + ".new", path)
+            return reader.Pending(tip=int(attrs["steps_done"]))
+        return real(path, attrs)
+
+    monkeypatch.setattr(reader, "pending_segments", racing)
+    seen = mfres.open_run(str(out), load=True)
+    assert len(calls) >= 2 and int(seen.attrs["steps_done"]) == durable
+    np.testing.assert_array_equal(seen["loss"].values, whole["loss"].values)

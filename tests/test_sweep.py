@@ -488,6 +488,34 @@ def test_second_writer_refused(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
+def test_a_reader_racing_a_publication_reads_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``open_sweep`` between a publication's rename and its removal of the segments it absorbed:
+    the reader sees the file replaced and reads again, never showing fewer results than are durable."""
+    from mfres import sweep_store
+
+    out = tmp_path / "s.nc"
+    assert drive(out).returncode == 0
+    spec = SweepSpec(**SMALL)
+    store = SweepStore(str(out), spec.dims, spec.grid_s, spec.identity(), {}, "test")
+    n = len(spec.grid_s)
+    store.record((0, 0, 0), [1], {"loss": np.full((1, n), np.nan), "status": ["failed"], "message": ["x"],
+                                  "seconds": [-1.0], "rise_count": [-1], "max_rise": [np.nan], "backend": ""})
+    store.close()  # a segment beyond the published file
+    assert open_sweep(str(out))["status"].values[0, 0, 0, 1] == "failed"
+    real, calls = sweep_store.list_segments, []
+
+    def racing(parts: str) -> list:
+        calls.append(parts)
+        if len(calls) == 1:  # as a publication would: a new file renamed over it, the segment gone
+            shutil.copy2(out, str(out) + ".new")
+            os.replace(str(out) + ".new", out)
+            return []
+        return real(parts)
+
+    monkeypatch.setattr(sweep_store, "list_segments", racing)
+    assert open_sweep(str(out))["status"].values[0, 0, 0, 1] == "failed" and len(calls) >= 2
+
+
 def test_redo_exactly_missing_failed_and_incomplete(tmp_path: Path, reference: xr.Dataset) -> None:
     out = tmp_path / "s.nc"
     assert drive(out).returncode == 0

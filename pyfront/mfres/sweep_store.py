@@ -152,7 +152,10 @@ def read(path: str, digest: str | None = None, attempts: int = 5) -> Any:
     if not os.path.isfile(path):
         raise StorageError(f"{path}: no such sweep file")
     parts = parts_dir(path)
+    from .store.layout import file_identity
+
     for _ in range(attempts):
+        before = file_identity(path)
         try:
             ds = xr.load_dataset(path, engine="netcdf4")
         except (OSError, ValueError) as e:
@@ -166,6 +169,8 @@ def read(path: str, digest: str | None = None, attempts: int = 5) -> Any:
             segs = [read_segment(p) for _, p in newer]
         except FileNotFoundError:
             continue  # a newer publication removed them meanwhile: read again
+        if file_identity(path) != before:
+            continue  # published anew while read: the segments it absorbed may be gone
         segs = [seg for seg in segs if seg is not None and str(seg["digest"]) == want]
         if segs:
             strings = [n for n, (kind, *_) in RUN_VARIABLES.items() if kind == "str" and n in ds]

@@ -58,6 +58,16 @@ def hdf5_dir_name(directory: str, dirfd: int, name: str) -> str:
         return f"/proc/self/fd/{dirfd}/{name}"
 
 
+def file_identity(path: str) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of ``path``, None if it is missing: a publication replaces
+    the file (``os.replace``), so a reader that sees this change knows its view is mixed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def segments(side: str) -> list[tuple[int, str]]:
     """(seq, file name) of the segment files in ``side``, in order."""
     try:

@@ -110,16 +110,21 @@ def open_run(path: str, load: bool = False) -> Any:
     check_regular(path)
     last_error: Exception | None = None
     for _ in range(10):
+        before = layout.file_identity(path)
         ds = _open_published(path, load)
         try:
             pending = pending_segments(path, ds.attrs)
-            if not pending.segments:
-                return ds
             data = [layout.read_segment(layout.sidecar(path), name) for _, name, _ in pending.segments]
         except FileNotFoundError as e:  # the writer published and removed them meanwhile: read again
             ds.close()
             last_error = e
             continue
+        if layout.file_identity(path) != before:  # published anew while read: its segments may be gone
+            ds.close()
+            last_error = FileNotFoundError("the published file was replaced")
+            continue
+        if not data:
+            return ds
         try:
             ds.load()
             return merge(ds, data)
