@@ -488,6 +488,12 @@ def test_second_writer_refused(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
+def _failed_result(n: int) -> dict:
+    """One run's task result, failed, on a grid of n losses (as ``SweepStore.record`` takes it)."""
+    return {"loss": np.full((1, n), np.nan), "status": ["failed"], "message": ["x"], "seconds": [-1.0],
+            "rise_count": [-1], "max_rise": [np.nan], "backend": ""}
+
+
 def test_a_reader_racing_a_publication_reads_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``open_sweep`` between a publication's rename and its removal of the segments it absorbed:
     the reader sees the file replaced and reads again, never showing fewer results than are durable."""
@@ -498,8 +504,7 @@ def test_a_reader_racing_a_publication_reads_again(tmp_path: Path, monkeypatch: 
     spec = SweepSpec(**SMALL)
     store = SweepStore(str(out), spec.dims, spec.grid_s, spec.identity(), {}, "test")
     n = len(spec.grid_s)
-    store.record((0, 0, 0), [1], {"loss": np.full((1, n), np.nan), "status": ["failed"], "message": ["x"],
-                                  "seconds": [-1.0], "rise_count": [-1], "max_rise": [np.nan], "backend": ""})
+    store.record((0, 0, 0), [1], _failed_result(n))
     store.close()  # a segment beyond the published file
     assert open_sweep(str(out))["status"].values[0, 0, 0, 1] == "failed"
     real, calls = sweep_store.list_segments, []
@@ -522,8 +527,7 @@ def test_redo_exactly_missing_failed_and_incomplete(tmp_path: Path, reference: x
     spec = SweepSpec(**SMALL)
     store = SweepStore(str(out), spec.dims, spec.grid_s, spec.identity(), {}, "test")
     n = len(spec.grid_s)
-    bad = {"loss": np.full((1, n), np.nan), "status": ["failed"], "message": ["x"], "seconds": [-1.0],
-           "rise_count": [-1], "max_rise": [np.nan], "backend": ""}
+    bad = _failed_result(n)
     store.record((0, 0, 0), [1], bad)
     incomplete = {**bad, "loss": np.r_[np.ones(n - 1), np.nan][None], "status": ["ok"]}  # never trusted
     store.record((1, 1, 0), [0], incomplete)

@@ -67,13 +67,8 @@ class Timing:
         return self.rest / self.backend if self.backend > 0 else float("nan")
 
     def advance(self, backend: Backend, theta: Particles, problem: Problem, ds: float, n: int) -> Trajectory:
-        """``backend.advance``, timed."""
-        c0, t0 = backend.startup_seconds, time.perf_counter()
-        traj = backend.advance(theta, problem, ds, n)
-        compiled = backend.startup_seconds - c0
-        self.compile += compiled
-        self.backend += time.perf_counter() - t0 - compiled
-        return traj
+        """``backend.advance``, timed (``chunk`` with nothing to do meanwhile)."""
+        return self.chunk(backend, theta, problem, ds, n)[0]
 
     def chunk(self, backend: Backend, theta: Particles, problem: Problem, ds: float, n: int,
               meanwhile: Callable[[], None] | None = None) -> tuple[Trajectory, float]:
