@@ -243,6 +243,24 @@ def test_exe_chunks_that_continue_reuse_the_gradient_with_the_same_numbers(
     assert not jl.continued
 
 
+def test_exe_warmup_between_chunks_keeps_the_mapped_arrays(exe_backends: dict[int, JuliaExeBackend]) -> None:
+    """A warm-up compiles the requests on a file of the server's own; a chunk after it, on the
+    arrays mapped before it, still trains this net on these data (equal to NumPy's)."""
+    jl = _backend(exe_backends, 1)
+    theta, prob = _problem("tanh", 5, 12, 3, 24, 0.0, "float64", init="smooth")
+    jl.advance(theta, prob, 0.2, 3)
+    mapped = jl._shared
+    # the same sizes; an η of its own gives a warm-up key no other test has used
+    prob2 = Problem(prob.x, prob.y, prob.a, activations.Activation("tanh", 0.4375))
+    s0 = jl.startup_seconds
+    ref = theta.copy()
+    traj = jl.advance(theta, prob2, 0.2, 12)  # within the mapped loss buffer (16)
+    assert jl.startup_seconds > s0 and jl._shared is mapped  # warmed up, no new layout
+    want = NumpyBackend().advance(ref, prob2, 0.2, 12)
+    np.testing.assert_allclose(traj.loss, want.loss, rtol=1e-12)
+    np.testing.assert_allclose(theta.W, ref.W, rtol=1e-12, atol=1e-14)
+
+
 def test_exe_chunk_in_two_halves(exe_backends: dict[int, JuliaExeBackend]) -> None:
     """begin_advance returns while the child steps, θ still at the chunk's start; no other
     request may come before the chunk is finished; the result is ``advance``'s."""

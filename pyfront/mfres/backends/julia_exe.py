@@ -371,6 +371,13 @@ class JuliaExeBackend:
         B = theta.batch[0] if theta.batch else 0
         if problem.x.dtype != dtype:
             raise BackendError(f"θ is {dtype} but the data are {problem.x.dtype}")
+        act = problem.activation  # compiled first: the warm-up also compiles the requests
+        key = (name, act.name, float(act.eta), B > 0)
+        if key not in self._warm:
+            t0 = time.perf_counter()
+            self._request(f"warmup {name} {act.name} {float(act.eta)!r}" + (" batch" if B > 0 else ""))
+            self.startup_seconds += time.perf_counter() - t0
+            self._warm.add(key)
         sh = self._shared
         if sh is None or not sh.fits(dtype, L, M, d, N, B, n):
             cap = max(n, 2 * sh.cap if sh is not None and sh.sizes == (L, M, d, N) else 0, 16)
@@ -383,13 +390,6 @@ class JuliaExeBackend:
             finally:
                 sh.unlink()  # both sides hold mappings; no file is left behind
             self._shared = sh
-        act = problem.activation
-        key = (name, act.name, float(act.eta), B > 0)
-        if key not in self._warm:
-            t0 = time.perf_counter()
-            self._request(f"warmup {name} {act.name} {float(act.eta)!r}" + (" batch" if B > 0 else ""))
-            self.startup_seconds += time.perf_counter() - t0
-            self._warm.add(key)
         tb = theta.batched()
         unchanged = sh.problem is problem and all(np.array_equal(sh.arrays[v], getattr(tb, v)) for v in "UWb")
         if sh.problem is not problem:
