@@ -1,6 +1,6 @@
 """`mfres simulate` as users run it (default snapshots), against the backend alone and JAX, in one run.
 
-    MFRES_JULIA=/path/to/julia python benchmarks/product_check.py [--sizes medium,large]
+    MFRES_JULIA=/path/to/julia python benchmarks/product_check.py [--sizes medium,large] [--repeats R]
 
 ``benchmarks/run.py`` times the product with a fixed, frequent snapshot interval (every 20
 steps at medium, every 2 at large: 9 MB of weights each time), which mostly measures the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 from run import (
     DEFAULT,
     SIZES,
@@ -37,9 +38,70 @@ STEPS = {"default": (500, 5500), "small": (1000, 21000), "medium": (100, 600), "
 KERNEL = {"default": (2000, 3), "small": (2000, 3), "medium": (30, 3), "large": (3, 3)}
 
 
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
+def _figures(xs: list[float], scale: float = 1e3) -> str:
+    """The median, and each repeat's figure in order when there are several."""
+    med = f"{scale * _median(xs):.4g}"
+    return med if len(xs) == 1 else f"{med} (repeats {', '.join(f'{scale * x:.4g}' for x in xs)})"
+
+
+def measure_size(key: str, julia: str | None, env: dict, repeats: int) -> None:
+    """One line of figures for one size: every contender once per repeat, in turn, so that the
+    machine's drift over minutes reaches them alike; medians over the repeats, and the median
+    of the per-repeat ratios JAX / product (each from figures taken minutes apart at most)."""
+    size = DEFAULT if key == "default" else SIZES[key]
+    n1, n2 = STEPS[key]
+    backends = ("numpy", "julia") if julia else ("numpy",)
+    per: dict[str, list[float]] = {"jax": [], "numpy_alone": [], "julia_alone": [],
+                                   **{b: [] for b in backends}}
+    split: dict[str, str] = {}
+    for r in range(repeats):
+        for backend in backends:
+            try:
+                per[backend].append(simulate_per_step(backend, size, key, env, 1, schedule=(n1, n2, None),
+                                                      check=r == 0)["sec_per_step"])
+                if r == 0:  # within one run: no drift between processes enters it
+                    sp = simulate_split(backend, size, key, env, 1)
+                    split[backend] = (f"its loop and file {100 * sp['overhead']:.1f} % of its stepping "
+                                      f"({sp['stepping_s']:.3g} s, one run of {sp['steps']} steps)")
+            except Skipped as e:
+                split[backend] = f"skipped ({e})"
+        alone = contender("numpy", key, "float64", "--threads", "2")
+        if alone:
+            per["numpy_alone"].append(alone["sec_per_step"])
+        if julia and key in SIZES:
+            steps, reps = KERNEL[key]
+            jk = julia_run(julia, 2, key, "float64", steps, reps)
+            if jk:
+                per["julia_alone"].append(jk["sec_per_step"])
+        jx = contender("jax", key, "float64") if key in SIZES else None
+        if jx:
+            per["jax"].append(jx["sec_per_step"])
+    line = [f"{key} {size}, {repeats} repeat(s), ms per step"]
+    for backend in backends:
+        if per[backend]:
+            line.append(f"simulate --backend {backend} {_figures(per[backend])} (steps {n1}, {n2}); "
+                        f"{split.get(backend, '')}")
+        else:
+            line.append(f"simulate --backend {backend}: {split.get(backend, 'failed')}")
+    for name, label in (("numpy_alone", "NumPy backend alone"), ("julia_alone", "Julia kernels alone (2 threads)"),
+                        ("jax", "JAX jit")):
+        if per[name]:
+            line.append(f"{label} {_figures(per[name])}")
+    for name, label in [*((b, f"simulate --backend {b}") for b in backends), ("numpy_alone", "NumPy alone")]:
+        if per["jax"] and len(per["jax"]) == len(per[name]):
+            ratios = [j / x for j, x in zip(per["jax"], per[name], strict=True)]
+            line.append(f"JAX / {label}: {_figures(ratios, 1)}x")
+    print("; ".join(line), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="medium,large")
+    ap.add_argument("--repeats", type=int, default=1, help="every contender this many times per size, in turn")
     ap.add_argument("--julia", default=None)
     ap.add_argument("--no-sweep", action="store_true", help="skip the Julia sweep")
     a = ap.parse_args()
@@ -47,27 +109,7 @@ def main() -> None:
     env = product_env(julia)
     print(f"load at the start {load()}")
     for key in filter(None, a.sizes.split(",")):  # --sizes "": the sweep alone
-        size = DEFAULT if key == "default" else SIZES[key]
-        n1, n2 = STEPS[key]
-        line = [f"{key} {size}:"]
-        for backend in ("numpy", "julia") if julia else ("numpy",):
-            try:
-                per = simulate_per_step(backend, size, key, env, 1, schedule=(n1, n2, None))["sec_per_step"]
-                line.append(f"simulate --backend {backend} {1e3 * per:.4g} ms/step (steps {n1}, {n2})")
-                sp = simulate_split(backend, size, key, env, 1)
-                line.append(f"its loop and file {100 * sp['overhead']:.1f} % of its stepping "
-                            f"({sp['stepping_s']:.3g} s, one run of {sp['steps']} steps)")
-            except Skipped as e:
-                line.append(f"simulate --backend {backend}: skipped ({e})")
-        alone = contender("numpy", key, "float64", "--threads", "2")
-        line.append(f"NumPy backend alone {1e3 * alone['sec_per_step']:.4g} ms/step" if alone else "NumPy alone failed")
-        if julia:
-            steps, reps = KERNEL[key]
-            jk = julia_run(julia, 2, key, "float64", steps, reps) if key in SIZES else None
-            line.append(f"Julia kernels alone (2 threads) {1e3 * jk['sec_per_step']:.4g} ms/step" if jk else "")
-        jx = contender("jax", key, "float64") if key in SIZES else None
-        line.append(f"JAX jit {1e3 * jx['sec_per_step']:.4g} ms/step" if jx else "JAX: not run")
-        print("; ".join(x for x in line if x), flush=True)
+        measure_size(key, julia, env, max(1, a.repeats))
     if julia and not a.no_sweep:
         sw = sweep_throughput(16, env, 1, "julia")
         print(f"mfres sweep --backend julia, 16 seeds, small, steps {sw['steps']}: batched {1e3 * sw['batched']:.4g} "

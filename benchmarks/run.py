@@ -154,12 +154,14 @@ def _simulate_seconds(backend: str, size: tuple[int, int, int, int], steps: int,
 
 
 def simulate_per_step(backend: str, size: tuple[int, int, int, int], key: str, env: dict, repeats: int,
-                      schedule: tuple[int, int, int | None] | None = None) -> dict:
+                      schedule: tuple[int, int, int | None] | None = None, check: bool = True) -> dict:
     """Seconds per step of ``mfres simulate`` by step-count differencing, (t(n2) − t(n1)) / (n2 − n1);
-    ``schedule`` = (n1, n2, snapshot interval or None for the default), else ``PRODUCT_STEPS[key]``."""
+    ``schedule`` = (n1, n2, snapshot interval or None for the default), else ``PRODUCT_STEPS[key]``;
+    ``check``: a one-step run first, which fails fast, with the reason, if the backend is unusable."""
     n1, n2, every = schedule or PRODUCT_STEPS[key]
     with tempfile.TemporaryDirectory() as folder:
-        _simulate_seconds(backend, size, 1, 1, env, folder)  # fails fast, with the reason, if unusable
+        if check:
+            _simulate_seconds(backend, size, 1, 1, env, folder)
         per = []
         for _ in range(repeats):
             t1 = _simulate_seconds(backend, size, n1, every, env, folder)
