@@ -11,7 +11,7 @@ and in the same run: the NumPy backend alone and JAX jit (fresh processes,
 ``contenders.py``), the loop's and file's share of one run as `mfres simulate` reports it
 (goal 4), the Julia kernels alone (``julia_bench.jl``), and `mfres sweep
 --backend julia` batched against ``--keep-runs`` (16 seeds, small size, 100 and 40100
-steps). Prints one line per figure.
+steps). Prints one line per size, and one for the sweep.
 """
 
 from __future__ import annotations
@@ -38,63 +38,60 @@ STEPS = {"default": (500, 5500), "small": (1000, 21000), "medium": (100, 600), "
 KERNEL = {"default": (2000, 3), "small": (2000, 3), "medium": (30, 3), "large": (3, 3)}
 
 
-def _median(xs: list[float]) -> float:
-    return float(np.median(xs))
-
-
-def _figures(xs: list[float], scale: float = 1e3) -> str:
-    """The median, and each repeat's figure in order when there are several."""
-    med = f"{scale * _median(xs):.4g}"
-    return med if len(xs) == 1 else f"{med} (repeats {', '.join(f'{scale * x:.4g}' for x in xs)})"
+def _figures(xs: list[float | None], scale: float = 1e3, unit: str = "") -> str:
+    """The median over the repeats that gave a figure, and each repeat's figure (– where it failed)."""
+    got = [x for x in xs if x is not None]
+    if not got:
+        return "failed"
+    med = f"{scale * float(np.median(got)):.4g}{unit}"
+    if len(xs) == 1:
+        return med
+    each = ", ".join("–" if x is None else f"{scale * x:.4g}{unit}" for x in xs)
+    return f"{med} (repeats {each}{'' if len(got) == len(xs) else f'; {len(got)} of {len(xs)}'})"
 
 
 def measure_size(key: str, julia: str | None, env: dict, repeats: int) -> None:
     """One line of figures for one size: every contender once per repeat, in turn, so that the
     machine's drift over minutes reaches them alike; medians over the repeats, and the median
-    of the per-repeat ratios JAX / product (each from figures taken minutes apart at most)."""
+    of the per-repeat ratios JAX / product (each pair from one repeat, minutes apart at most)."""
     size = DEFAULT if key == "default" else SIZES[key]
     n1, n2 = STEPS[key]
-    backends = ("numpy", "julia") if julia else ("numpy",)
-    per: dict[str, list[float]] = {"jax": [], "numpy_alone": [], "julia_alone": [],
-                                   **{b: [] for b in backends}}
-    split: dict[str, str] = {}
+    backends = ["numpy", "julia"] if julia else ["numpy"]
+    per: dict[str, list[float | None]] = {name: [] for name in ("jax", "numpy_alone", "julia_alone", *backends)}
+    notes: dict[str, str] = {}
     for r in range(repeats):
         for backend in backends:
+            if backend in notes and notes[backend].startswith("skipped"):
+                per[backend].append(None)
+                continue
             try:
                 per[backend].append(simulate_per_step(backend, size, key, env, 1, schedule=(n1, n2, None),
                                                       check=r == 0)["sec_per_step"])
                 if r == 0:  # within one run: no drift between processes enters it
                     sp = simulate_split(backend, size, key, env, 1)
-                    split[backend] = (f"its loop and file {100 * sp['overhead']:.1f} % of its stepping "
+                    notes[backend] = (f"its loop and file {100 * sp['overhead']:.1f} % of its stepping "
                                       f"({sp['stepping_s']:.3g} s, one run of {sp['steps']} steps)")
             except Skipped as e:
-                split[backend] = f"skipped ({e})"
+                per[backend].append(None)
+                notes.setdefault(backend, f"skipped ({e})")
         alone = contender("numpy", key, "float64", "--threads", "2")
-        if alone:
-            per["numpy_alone"].append(alone["sec_per_step"])
-        if julia and key in SIZES:
-            steps, reps = KERNEL[key]
-            jk = julia_run(julia, 2, key, "float64", steps, reps)
-            if jk:
-                per["julia_alone"].append(jk["sec_per_step"])
+        per["numpy_alone"].append(alone["sec_per_step"] if alone else None)
+        jk = julia_run(julia, 2, key, "float64", *KERNEL[key]) if julia and key in SIZES else None
+        per["julia_alone"].append(jk["sec_per_step"] if jk else None)
         jx = contender("jax", key, "float64") if key in SIZES else None
-        if jx:
-            per["jax"].append(jx["sec_per_step"])
+        per["jax"].append(jx["sec_per_step"] if jx else None)
     line = [f"{key} {size}, {repeats} repeat(s), ms per step"]
     for backend in backends:
-        if per[backend]:
-            line.append(f"simulate --backend {backend} {_figures(per[backend])} (steps {n1}, {n2}); "
-                        f"{split.get(backend, '')}")
-        else:
-            line.append(f"simulate --backend {backend}: {split.get(backend, 'failed')}")
+        line.append(f"simulate --backend {backend} {_figures(per[backend])} (steps {n1}, {n2}); "
+                    f"{notes.get(backend, '')}")
     for name, label in (("numpy_alone", "NumPy backend alone"), ("julia_alone", "Julia kernels alone (2 threads)"),
                         ("jax", "JAX jit")):
-        if per[name]:
+        if any(x is not None for x in per[name]):
             line.append(f"{label} {_figures(per[name])}")
     for name, label in [*((b, f"simulate --backend {b}") for b in backends), ("numpy_alone", "NumPy alone")]:
-        if per["jax"] and len(per["jax"]) == len(per[name]):
-            ratios = [j / x for j, x in zip(per["jax"], per[name], strict=True)]
-            line.append(f"JAX / {label}: {_figures(ratios, 1)}x")
+        ratios = [None if j is None or x is None else j / x for j, x in zip(per["jax"], per[name], strict=True)]
+        if any(x is not None for x in ratios):
+            line.append(f"JAX / {label}: {_figures(ratios, 1, 'x')}")
     print("; ".join(line), flush=True)
 
 

@@ -17,7 +17,7 @@
 #   warmup T ACT ETA [batch]
 #                           compile for one element type and activation (tiny problem):
 #                           one net's path, or with "batch" a batch's, and the requests
-#                           themselves (the mapping and the last ∇E are kept)
+#                           themselves (the mapping is kept; the next advance starts afresh)
 #   advance N DS ACT ETA WD MEM [continue]
 #                           advance every net by N steps; "ok K S C": K values per net,
 #                           S seconds in the kernels; "continue" (one net): θ is where the
@@ -180,13 +180,13 @@ end
 
 # The requests themselves (`layout`, `advance` afresh and continued, `gradient`), on a tiny
 # file of this server's own: compiling them costs a few tenths of a second, which would
-# otherwise land in a run's first chunk and count as stepping. The caller's mapping and
-# its last ∇E are left as they were.
+# otherwise land in a run's first chunk and count as stepping. The caller's mapping is
+# kept; its next `advance` starts afresh (the cached workspace now holds the tiny problem).
 function warm_requests(T, act, eta)
     d, M, L, N, cap = 2, 3, 2, 4, 2
     counts = (d * M * L, d * M * L, M * L, d * M * L, d * M * L, M * L, d * N, N, d)
     offsets = cumsum([0; [c * sizeof(T) for c in counts]; (cap + 1) * 8; (cap + 1) * 8])
-    saved, saved_last = MAPS[], LAST[]
+    saved = MAPS[]
     path, io = mktemp()
     try
         write(io, zeros(UInt8, offsets[end] + N * sizeof(T)))
@@ -199,7 +199,7 @@ function warm_requests(T, act, eta)
             HANDLERS[words[1]](words[2:end])
         end
     finally
-        MAPS[], LAST[] = saved, saved_last
+        MAPS[], LAST[] = saved, nothing
         isopen(io) && close(io)
         rm(path; force = true)
     end
