@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
-import queue
 import re
 import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -39,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from ..children import pdeathsig as _pdeathsig
+from ..children import popen as _popen
+from ..children import shm_dir
 from ..errors import BackendError
 from ..model import Particles
 from . import Problem, Trajectory, blas_environment, kernel_memory
@@ -105,76 +104,6 @@ def thread_option(threads: int | None) -> tuple[list[str], str]:
     if os.environ.get("JULIA_NUM_THREADS"):
         return [], "JULIA_NUM_THREADS"
     return ["-t", "auto"], "all cores"
-
-
-# --- starting the child ------------------------------------------------------
-
-def _pdeathsig() -> Any:
-    """A preexec_fn that asks Linux to SIGKILL the child when its parent dies (None elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    PR_SET_PDEATHSIG = 1
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-class _Spawner:
-    """Starts children from one thread that lives as long as the process.
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends; a Dask task
-    thread or any short-lived thread would take the child with it, so children are
-    forked here instead, unless the caller is the main thread."""
-
-    def __init__(self) -> None:
-        self.requests: queue.Queue[tuple[dict[str, Any], queue.Queue[Any]]] = queue.Queue()
-        threading.Thread(target=self._serve, name="mfres-julia-spawner", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            kwargs, reply = self.requests.get()
-            try:
-                reply.put(subprocess.Popen(**kwargs))
-            except BaseException as e:  # handed back to the caller
-                reply.put(e)
-
-    def popen(self, **kwargs: Any) -> subprocess.Popen:
-        reply: queue.Queue[Any] = queue.Queue()
-        self.requests.put((kwargs, reply))
-        out = reply.get()
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-
-_SPAWNER: _Spawner | None = None
-_SPAWN_LOCK = threading.Lock()
-
-
-def _popen(**kwargs: Any) -> subprocess.Popen:
-    global _SPAWNER
-    if threading.current_thread() is threading.main_thread():
-        return subprocess.Popen(**kwargs)
-    with _SPAWN_LOCK:
-        if _SPAWNER is None:
-            _SPAWNER = _Spawner()
-    return _SPAWNER.popen(**kwargs)
-
-
-def shm_dir() -> str:
-    """Where the shared file goes: /dev/shm when writable (RAM), else the temp dir."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        return "/dev/shm"
-    return tempfile.gettempdir()
 
 
 class _Shared:
