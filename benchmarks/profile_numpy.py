@@ -53,7 +53,7 @@ def main() -> None:
     nb = model.sample_block(N, M)
     blocks = len(w.blocks)
     blk = slice(0, nb)
-    ts = w.scratch[0]
+    ts = w.scratch
     q, pn = ts.Q[:, :nb], ts.Pn[:, :nb]
     S, D, Z, P = w.S[0, :, blk], w.D[0, :, blk], w.Z[0, :, blk], w.P[1, :, blk]
     gU = np.empty((1, M, d), dtype)

@@ -1,6 +1,16 @@
-"""The NumPy path's own tanh and its threaded step: accuracy, special values, reproducibility."""
+"""The NumPy path's own tanh and its step on several cores (helper processes): accuracy, special values,
+reproducibility, helpers that fail or are orphaned."""
 
 from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +18,7 @@ import pytest
 from mfres import activations, model
 from mfres.backends import Problem
 from mfres.backends.numpy_backend import NumpyBackend
+from mfres.children import shm_dir
 from mfres.data import builtin
 from mfres.init import initial_particles
 
@@ -167,10 +178,110 @@ def test_batch_with_several_blocks_equals_separate_runs() -> None:
         np.testing.assert_allclose(batch.U[j], t.U, rtol=1e-12, atol=1e-15)
 
 
-def test_numpy_error_state_reaches_the_worker_threads() -> None:
-    """A diverging net warns nothing from the worker threads inside ``advance`` (it ignores overflow)."""
-    theta, prob = setup(-(-model.PARALLEL_MIN // (300 * 90)), 90, 3, 300)
+def _parallel_problem() -> tuple[model.Particles, Problem]:
+    """Just large enough for helper processes, with several sample blocks."""
+    M, d, N = 90, 3, 300
+    return setup(-(-model.PARALLEL_MIN // (N * M)), M, d, N)
+
+
+def test_numpy_error_state_reaches_the_helper_processes(capfd: pytest.CaptureFixture[str]) -> None:
+    """A diverging net warns nothing, here or in a helper process, inside ``advance`` (it ignores
+    overflow), and no helper fails (a failure would warn here)."""
+    theta, prob = _parallel_problem()
     theta.U *= 1e200
-    with np.errstate(all="raise"):
-        traj = NumpyBackend(threads=2).advance(theta, prob, 1.0, 3)
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        backend = NumpyBackend(threads=2)
+        traj = backend.advance(theta, prob, 1.0, 3)
+    assert backend._work is not None and backend._work.helpers is not None and not backend._work.helpers.broken
     assert not traj.finite
+    assert "Warning" not in capfd.readouterr().err
+
+
+def test_helper_processes_leave_no_file_and_stop_with_their_workspace() -> None:
+    theta, prob = _parallel_problem()
+    before = set(glob.glob(os.path.join(shm_dir(), "mfres-numpy-*")))
+    backend = NumpyBackend(threads=3)
+    backend.advance(theta, prob, 0.2, 1)
+    work = backend._work
+    assert work is not None and work.helpers is not None
+    procs = list(work.helpers.procs)
+    assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert set(glob.glob(os.path.join(shm_dir(), "mfres-numpy-*"))) == before  # unlinked once mapped
+    assert backend.startup_seconds > 0
+    work.close()
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_a_helper_that_dies_leaves_its_part_to_the_main_process() -> None:
+    """The step goes on with the same numbers (the same parts, computed here), and says so."""
+    theta, prob = _parallel_problem()
+    ref = theta.copy()
+    want = NumpyBackend(threads=1).advance(ref, prob, 0.2, 3)
+    backend = NumpyBackend(threads=2)
+    first = backend.advance(theta, prob, 0.2, 1)
+    assert backend._work is not None and backend._work.helpers is not None
+    helper = backend._work.helpers.procs[0]
+    helper.kill()
+    helper.wait()
+    with pytest.warns(RuntimeWarning, match="helper process failed"):
+        rest = backend.advance(theta, prob, 0.2, 2)
+    np.testing.assert_array_equal(np.concatenate([first.loss, rest.loss[1:]]), want.loss)
+    for v in "UWb":
+        np.testing.assert_array_equal(getattr(theta, v), getattr(ref, v))
+
+
+@pytest.mark.parametrize("broken", ["_folder", "popen"])
+def test_without_room_or_helpers_a_run_uses_one_core(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """No room for the shared arrays (a container's small /dev/shm), or no helper starting: a warning,
+    and the same numbers on one core."""
+    from mfres import parallel
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("no room here" if broken == "_folder" else "cannot start")
+
+    theta, prob = _parallel_problem()
+    ref = theta.copy()
+    want = NumpyBackend(threads=1).advance(ref, prob, 0.2, 2)
+    monkeypatch.setattr(parallel, broken, fail)
+    backend = NumpyBackend(threads=2)
+    with pytest.warns(RuntimeWarning, match="uses one core"):
+        traj = backend.advance(theta, prob, 0.2, 2)
+    assert backend._work is not None and backend._work.helpers is None
+    np.testing.assert_array_equal(traj.loss, want.loss)
+    np.testing.assert_array_equal(theta.W, ref.W)
+
+
+def test_helper_processes_die_with_their_parent(tmp_path: Path) -> None:
+    """SIGKILL of the process that started them takes the helpers with it (no orphans)."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_numpy_path import _parallel_problem
+        from mfres.backends.numpy_backend import NumpyBackend
+        theta, prob = _parallel_problem()
+        backend = NumpyBackend(threads=2)
+        backend.advance(theta, prob, 0.2, 1)
+        print(backend._work.helpers.procs[0].pid, flush=True)
+        time.sleep(60)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())  # type: ignore[union-attr]
+        os.kill(pid, 0)  # alive
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, not yet reaped
+    except FileNotFoundError:
+        return False

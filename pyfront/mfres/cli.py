@@ -213,9 +213,14 @@ def simulate(quiet: bool, out: str, overwrite: bool, resume: bool, **options: An
                        f"and file{share}", err=True)
         startup = backend.startup_seconds
         if startup:
-            click.echo(f"Julia start-up and compilation: {startup:.1f} s of this run", err=True)
+            click.echo(f"{_startup_label(backend.name)}: {startup:.1f} s of this run", err=True)
     for w in result.warnings:
         click.echo(f"Warning: {w}", err=True)
+
+
+def _startup_label(backend: str) -> str:
+    """What a backend's ``startup_seconds`` were spent on."""
+    return "NumPy helper processes' start" if backend == "numpy" else "Julia start-up and compilation"
 
 
 @contextlib.contextmanager
@@ -297,8 +302,9 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
                          "to complete the sweep") from None
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     click.echo(f"{summary}; wrote {out}", err=True)
-    if startup and not quiet:
-        click.echo(f"Julia start-up and compilation: {startup:.1f} s of this sweep's worker time", err=True)
+    for name, seconds in startup.items():
+        if seconds and not quiet:
+            click.echo(f"{_startup_label(name)}: {seconds:.1f} s of this sweep's worker time", err=True)
     left = counts.get("missing", 0) + counts.get("failed", 0)
     if left:
         raise RunStopped(f"{left} runs are missing or failed (see the file's message variable); "
@@ -311,11 +317,11 @@ def _sweep_with_progress(spec: Any, out: str, quiet: bool, kwargs: dict[str, Any
     from .api import sweep_progress
     from .sweep import run_sweep
 
-    startup = 0.0
+    startup: dict[str, float] = {}
     with _library_output(quiet), sweep_progress(not quiet, len(spec.groups()), file=sys.stderr) as bar:
         def progress(done: int, total: int, info: dict[str, Any]) -> None:
-            nonlocal startup
-            startup += float(info.get("startup_seconds", 0.0))
+            name = str(info.get("backend", ""))
+            startup[name] = startup.get(name, 0.0) + float(info.get("startup_seconds", 0.0))
             if bar is not None:
                 bar(done, total, info)
 

@@ -12,10 +12,10 @@ A gradient-descent step of pseudo-time Δs is ``θ ← θ − Δs L M ∇E`` (``
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,17 +85,6 @@ def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: 
     return int(np.dtype(dtype).itemsize * B * (work + particles))
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    with _POOLS_LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mfres-numpy")
-        return _POOLS[threads]
-
-
 def default_threads() -> int:
     """All the cores this process may run on."""
     try:
@@ -117,13 +106,16 @@ class Workspace:
     z_l (memory O(L N d) instead of O(L N M), one more product and activation per layer).
     B is the batch size (1 for a single net).
 
-    The samples are cut into fixed blocks of ``sample_block(N, M)``; ``threads`` threads
+    The samples are cut into fixed blocks of ``sample_block(N, M)``; ``threads`` cores
     take contiguous runs of blocks (forward and adjoint: each sample's z and p are its
-    own) and then of layers (the parameter gradients: one product over all N samples per
-    layer). NumPy releases the GIL in both its products and its element-wise loops. No
-    result depends on the thread count: a block's numbers do not depend on who computes
-    them, and every sum over samples is one product in a fixed order. ``scratch`` holds
-    each thread's private buffers.
+    own) and then of layers (the parameter gradients ``G``: one product over all N samples
+    per layer). They are processes, not threads (``mfres.parallel``: NumPy's short calls
+    would hand the GIL back and forth): with ``threads`` > 1 on a problem large enough
+    (``parallel``), the arrays live in a shared file and ``threads`` − 1 helper processes
+    run their parts. No result depends on ``threads``: a block's numbers do not depend on
+    who computes them, and every sum over samples is one product in a fixed order.
+    ``scratch`` holds this process's private buffers; ``attach`` (for a helper) gives
+    the shared arrays to use instead of allocating them.
     """
 
     L: int
@@ -134,6 +126,7 @@ class Workspace:
     B: int = 1
     recompute: bool = False
     threads: int = 1
+    attach: dict[str, np.ndarray] | None = field(default=None, repr=False)
     Z: np.ndarray = field(init=False)
     P: np.ndarray = field(init=False)
     S: np.ndarray = field(init=False)
@@ -141,25 +134,55 @@ class Workspace:
     r: np.ndarray = field(init=False)
     Wb: np.ndarray = field(init=False)
     U0: np.ndarray = field(init=False)
+    G: Particles = field(init=False)
     blocks: list[slice] = field(init=False)
-    scratch: list[_ThreadScratch] = field(init=False)
+    scratch: _ThreadScratch = field(init=False)
+    helpers: Any = field(init=False, default=None)
+    startup_seconds: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         L, M, d, N, B, dt = self.L, self.M, self.d, self.N, self.B, np.dtype(self.dtype)
         self.dtype = dt
+        self.threads = max(1, int(self.threads))
         layers = 1 if self.recompute else L
-        self.Z = np.empty((L + 1, B, N, d + 1), dt)
-        self.Z[..., d] = 1
-        self.P = np.empty((L + 1, B, N, d + 1), dt)
-        self.S = np.empty((layers, B, N, M), dt)
-        self.D = np.empty((layers, B, N, M), dt)
+        spec = {"Z": (L + 1, B, N, d + 1), "P": (L + 1, B, N, d + 1), "S": (layers, B, N, M),
+                "D": (layers, B, N, M), "Wb": (B, L, M, d + 1), "U0": (B, L, M, d + 1),
+                "GU": (B, L, M, d), "GW": (B, L, M, d), "Gb": (B, L, M)}
+        arrays, path = self.attach, None
+        if arrays is None and self.threads > 1 and self.parallel:
+            from . import parallel
+
+            try:
+                arrays, path = parallel.shared_arrays({k: (v, dt.name) for k, v in spec.items()})
+            except OSError as e:
+                warnings.warn(f"{e}; this run uses one core", RuntimeWarning, stacklevel=2)
+        if arrays is None:
+            arrays = {k: np.empty(v, dt) for k, v in spec.items()}
+        for k in ("Z", "P", "S", "D", "Wb", "U0"):
+            setattr(self, k, arrays[k])
+        self.G = Particles(arrays["GU"], arrays["GW"], arrays["Gb"])
+        if self.attach is None:
+            self.Z[..., d] = 1
+            self.U0[...] = 0
         self.r = np.empty((B, N), dt)
-        self.Wb = np.empty((B, L, M, d + 1), dt)
-        self.U0 = np.zeros((B, L, M, d + 1), dt)
         nb = sample_block(N, M)
         self.blocks = [slice(i, min(i + nb, N)) for i in range(0, N, nb)]
-        self.threads = max(1, int(self.threads))
-        self.scratch = [_ThreadScratch(B, nb, M, d, dt) for _ in range(self.threads)]
+        self.scratch = _ThreadScratch(B, nb, M, d, dt)
+        if path is not None:
+            from . import parallel
+
+            t0 = time.perf_counter()
+            try:
+                rebuild = {"L": L, "M": M, "d": d, "N": N, "dtype": dt.name, "B": B, "recompute": self.recompute}
+                self.helpers = parallel.Helpers(self.threads - 1, path, {k: (v, dt.name) for k, v in spec.items()},
+                                                rebuild)
+            except OSError as e:  # the arrays stay shared, with no one to share them with
+                warnings.warn(f"cannot start NumPy helper processes ({e}); this run uses one core",
+                              RuntimeWarning, stacklevel=2)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # every helper has mapped it (or none will)
+            self.startup_seconds = time.perf_counter() - t0
 
     def load(self, theta: Particles) -> None:
         """Copy θ (with a batch axis) into [W b] and [U 0]."""
@@ -183,30 +206,39 @@ class Workspace:
         """Large enough to split over threads (a property of the problem, not of ``threads``)."""
         return self.L * self.B * self.N * self.M >= PARALLEL_MIN
 
-    def run(self, task: Callable[[list, _ThreadScratch], None], items: list) -> None:
-        """``task(part, scratch)`` on contiguous parts of ``items``, one part per thread."""
+    def items(self, task: str, args: dict[str, Any]) -> list:
+        """What ``task`` splits: the sample blocks, or (``gradient``) the layers."""
+        return list(args["layers"]) if task == "gradient" else self.blocks
+
+    def run(self, task: str, **args: Any) -> None:
+        """``task`` (a name in ``TASKS``) on all its items: contiguous parts of them on ``threads`` cores."""
+        items = self.items(task, args)
         n = min(self.threads, len(items))
-        if n <= 1 or not self.parallel:
-            task(items, self.scratch[0])
+        if n <= 1 or self.helpers is None:
+            TASKS[task](self, items, self.scratch, **args)
             return
-        parts = [items[len(items) * i // n: len(items) * (i + 1) // n] for i in range(n)]
-        err = np.geterr()  # NumPy's error state is per thread
+        self.helpers.run(task, n, args, lambda i: self.run_part(task, i, n, args))
 
-        def call(i: int) -> None:
-            with np.errstate(**err):
-                task(parts[i], self.scratch[i])
+    def run_part(self, task: str, i: int, n: int, args: dict[str, Any]) -> None:
+        """Part i of n of ``task``'s items, here."""
+        from .parallel import _part
 
-        for f in [_pool(n).submit(call, i) for i in range(n)]:
-            f.result()
+        TASKS[task](self, _part(self.items(task, args), i, n), self.scratch, **args)
+
+    def close(self) -> None:
+        """Stop the helper processes (also done when the workspace is collected)."""
+        if self.helpers is not None:
+            self.helpers.close()
+            self.helpers = None
 
 
 PARALLEL_MIN = 1 << 18
-"""Fewer activations per step than this (L·B·N·M) run in the calling thread: a hand-over costs ~50 µs,
-more on a busy machine (measured: at the default size, 65536, two threads were slower than one)."""
+"""Fewer activations per step than this (L·B·N·M) run in the calling process: a hand-over costs tens of µs,
+more on a busy machine (measured with threads: at the default size, 65536, two were slower than one)."""
 
 
 class _ThreadScratch:
-    """One thread's buffers: one sample block's pre-activations and adjoint products."""
+    """One process's buffers: one sample block's pre-activations and adjoint products."""
 
     def __init__(self, B: int, nb: int, M: int, d: int, dtype: np.dtype) -> None:
         self.Q = np.empty((B, nb, M), dtype)
@@ -253,15 +285,31 @@ def _adjoint_blocks(work: Workspace, act: Activation, layers: range, blocks: lis
             np.add(P[l + 1, :, blk], pn, out=P[l, :, blk])
 
 
-def _gradient_layers(work: Workspace, gb: Particles, layers: list[int], ts: _ThreadScratch) -> None:
-    """∂E/∂U, ∂E/∂[W b] of ``layers`` up to the factor h/(M N): one product over all samples each."""
-    d = work.d
+def _gradient_layers(work: Workspace, layers: list[int], ts: _ThreadScratch) -> None:
+    """∂E/∂U, ∂E/∂[W b] of ``layers`` into ``work.G``, up to the factor h/(M N): one product over all samples each."""
+    d, gb = work.d, work.G
     for l in layers:
         k = 0 if work.recompute else l
         np.matmul(work.S[k].transpose(0, 2, 1), work.P[l + 1, ..., :d], out=gb.U[:, l])
         np.matmul(work.D[k].transpose(0, 2, 1), work.Z[l], out=ts.G)  # [∂W ∂b]
         gb.W[:, l] = ts.G[..., :d]
         gb.b[:, l] = ts.G[..., d]
+
+
+def _forward_task(work: Workspace, blocks: list[slice], ts: _ThreadScratch, act: Activation) -> None:
+    _forward_blocks(work, act, blocks, ts)
+
+
+def _adjoint_task(work: Workspace, blocks: list[slice], ts: _ThreadScratch, act: Activation, layers: range) -> None:
+    _adjoint_blocks(work, act, layers, blocks, ts)
+
+
+def _gradient_task(work: Workspace, part: list[int], ts: _ThreadScratch, layers: range) -> None:
+    _gradient_layers(work, part, ts)
+
+
+TASKS = {"forward": _forward_task, "adjoint": _adjoint_task, "gradient": _gradient_task}
+"""The passes ``Workspace.run`` splits, by name (a helper process is asked for them by name)."""
 
 
 def forward(theta: Particles, x: np.ndarray, act: Activation, work: Workspace) -> np.ndarray:
@@ -272,7 +320,7 @@ def forward(theta: Particles, x: np.ndarray, act: Activation, work: Workspace) -
     L, _M, d = theta.shape
     work.load(theta)
     work.Z[0, ..., :d] = x
-    work.run(lambda blocks, ts: _forward_blocks(work, act, blocks, ts), work.blocks)
+    work.run("forward", act=act)
     return work.Z[L, ..., :d]
 
 
@@ -321,7 +369,6 @@ def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray,
         work = Workspace.for_problem(tb, x, recompute, threads)
     if grad is None:
         grad = Particles(np.empty_like(theta.U), np.empty_like(theta.W), np.empty_like(theta.b))
-    gb = grad.batched()
     zL = forward(tb, x, act, work)
     r = work.r
     np.matmul(zL, a, out=r)
@@ -338,10 +385,11 @@ def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray,
     # layer by layer, since only one layer's σ and T exist at a time
     groups = [range(L - 1, -1, -1)] if not work.recompute else [range(l, l - 1, -1) for l in range(L - 1, -1, -1)]
     for layers in groups:
-        work.run(lambda blocks, ts, layers=layers: _adjoint_blocks(work, act, layers, blocks, ts), work.blocks)
-        work.run(lambda ls, ts: _gradient_layers(work, gb, ls, ts), list(layers))
-    for g in (grad.U, grad.W, grad.b):
-        g *= cg
+        work.run("adjoint", act=act, layers=layers)
+        work.run("gradient", layers=layers)
+    gb, G = grad.batched(), work.G
+    for g, w in ((gb.U, G.U), (gb.W, G.W), (gb.b, G.b)):
+        np.multiply(w, cg, out=g)
     if weight_decay:
         wd = dt.type(weight_decay * c)
         for g, v in zip((grad.U, grad.W, grad.b), (theta.U, theta.W, theta.b), strict=True):

@@ -72,15 +72,16 @@ class NumpyBackend:
     keeps only the states z_l and recomputes one layer's activations in the adjoint;
     ``auto`` stores them when they fit in a quarter of RAM.
 
-    ``threads`` (default: all cores) split each step over sample blocks and layers
-    (``model.Workspace``); results do not depend on it, bit for bit.
+    ``threads`` (default: all cores) split each step over sample blocks and layers, in
+    helper processes (``model.Workspace``, ``mfres.parallel``) on problems of at least
+    ``model.PARALLEL_MIN`` activations per step; results do not depend on it, bit for bit.
+    ``startup_seconds``: the helpers' start (about 0.3 s each time a workspace is made).
 
     ``advance`` also takes a batch of nets (particles with a leading axis B): all
     advance together, with E and velocities of shape (n + 1, B), and never stop early.
     """
 
     name = "numpy"
-    startup_seconds = 0.0  # nothing to start or compile
     overlaps, kernel_seconds = False, 0.0
 
     def __init__(self, memory: str = "auto", threads: int | None = None) -> None:
@@ -90,6 +91,7 @@ class NumpyBackend:
         self._grad: Particles | None = None
         self._last: _End | None = None
         self.continued = False
+        self.startup_seconds = 0.0
 
     def _buffers(self, theta: Particles, problem: Problem) -> tuple[model.Workspace, Particles]:
         tb = theta.batched()
@@ -97,7 +99,10 @@ class NumpyBackend:
             L, M, _ = theta.shape
             B = tb.batch[0]
             recompute = choose_recompute(self.memory, L, M, problem.x.shape[0], theta.U.dtype, B)
+            if self._work is not None:
+                self._work.close()
             self._work = model.Workspace.for_problem(tb, problem.x, recompute, self.threads)
+            self.startup_seconds += self._work.startup_seconds
             self._grad = Particles(np.empty_like(theta.U), np.empty_like(theta.W), np.empty_like(theta.b))
             self._last = None
         assert self._grad is not None

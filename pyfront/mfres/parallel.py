@@ -1,0 +1,233 @@
+"""Helper processes for the NumPy backend's passes over sample blocks and layers.
+
+NumPy releases the GIL inside each call, but a step at the medium size makes about
+2000 calls of 5–10 µs each, and two threads then hand the GIL to each other at every
+call: measured on a 2-core AMD EPYC, two threads running the activation's passes on
+their own sample blocks took as long as one thread doing both. Processes share no GIL.
+A helper is a Python process (``serve``) that maps the workspace's arrays from one file
+in ``/dev/shm`` and runs its part of a pass on them when asked (one line each way per
+pass, on its stdin and stdout), the same function on the same part as a thread would
+run, so that the numbers do not depend on how many processes there are.
+
+A helper runs in its own session (a terminal's Ctrl-C reaches only the main process)
+and dies with it (``PR_SET_PDEATHSIG``, and end of its stdin). If a helper fails or
+dies, the main process computes its parts itself from then on, with a warning: the
+same numbers, on one core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .children import pdeathsig, popen, shm_dir
+
+ALIGN = 64
+
+Spec = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype name)
+
+
+def _offsets(spec: Spec) -> tuple[dict[str, int], int]:
+    offsets, size = {}, 0
+    for name, (shape, dt) in spec.items():
+        offsets[name] = size
+        size += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // ALIGN) * ALIGN
+    return offsets, max(size, 1)
+
+
+def map_arrays(path: str, spec: Spec, create: bool) -> dict[str, np.ndarray]:
+    """The arrays of ``spec`` over one file (created at its size with ``create``), 64-byte aligned, in order."""
+    offsets, size = _offsets(spec)
+    mm = np.memmap(path, dtype=np.uint8, mode="w+" if create else "r+", shape=(size,))
+    return {name: np.ndarray(shape, np.dtype(dt), buffer=mm, offset=offsets[name])
+            for name, (shape, dt) in spec.items()}
+
+
+def _folder(size: int) -> str:
+    """/dev/shm if it has room for ``size`` bytes (a container's is often 64 MiB; writing past
+    its end would kill the process with SIGBUS), else the temp dir if that has; else OSError."""
+    for folder in dict.fromkeys((shm_dir(), tempfile.gettempdir())):
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize >= size + (64 << 20):
+            return folder
+    raise OSError(f"no room for {size / 2**20:.0f} MiB of shared arrays in {shm_dir()} or {tempfile.gettempdir()}")
+
+
+def shared_arrays(spec: Spec) -> tuple[dict[str, np.ndarray], str]:
+    """New zeroed arrays of ``spec`` in a file of their own (``_folder``), and its path."""
+    fd, path = tempfile.mkstemp(prefix=f"mfres-numpy-{os.getpid()}-", suffix=".bin", dir=_folder(_offsets(spec)[1]))
+    os.close(fd)
+    try:
+        return map_arrays(path, spec, create=True), path
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def _encode(args: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, range):
+            out[k] = ["range", v.start, v.stop, v.step]
+        elif hasattr(v, "name") and hasattr(v, "eta"):  # an Activation
+            out[k] = ["activation", v.name, v.eta]
+        else:
+            out[k] = v
+    return out
+
+
+def _decode(args: dict[str, Any]) -> dict[str, Any]:
+    from .activations import Activation
+
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, list) and v and v[0] == "range":
+            out[k] = range(*v[1:])
+        elif isinstance(v, list) and v and v[0] == "activation":
+            out[k] = Activation(v[1], float(v[2]))
+        else:
+            out[k] = v
+    return out
+
+
+def _part(items: list, i: int, n: int) -> list:
+    """The i-th of n contiguous parts of ``items`` (the threads' and the helpers' split alike)."""
+    return items[len(items) * i // n: len(items) * (i + 1) // n]
+
+
+class Helpers:
+    """``count`` helper processes over the shared arrays of one workspace.
+
+    ``workspace``: the keyword arguments that rebuild the workspace in a helper
+    (``model.Workspace`` with ``attach``), ``path``: the file of its arrays, which is
+    unlinked once every helper has mapped it.
+    """
+
+    def __init__(self, count: int, path: str, spec: Spec, workspace: dict[str, Any]) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.broken = False
+        # this very mfres (the folder that holds it first on the path), BLAS on one thread
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); " \
+               "from mfres.parallel import serve; serve()"
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        hello = json.dumps({"path": path, "spec": {k: [list(s), d] for k, (s, d) in spec.items()},
+                            "workspace": workspace}) + "\n"
+        try:
+            for _ in range(count):
+                self.procs.append(popen(args=[sys.executable, "-c", code],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                        start_new_session=True, preexec_fn=pdeathsig(), close_fds=True))
+            for p in self.procs:
+                p.stdin.write(hello.encode())  # type: ignore[union-attr]
+                p.stdin.flush()  # type: ignore[union-attr]
+            for p in self.procs:
+                line = p.stdout.readline().decode()  # type: ignore[union-attr]
+                if line.strip() != "ready":
+                    raise OSError(f"a NumPy helper process did not start ({line.strip() or 'no reply'})")
+        except BaseException:
+            self.close()
+            raise
+        self._finalizer = weakref.finalize(self, _stop, self.procs)
+
+    def run(self, task: str, n: int, args: dict[str, Any], local: Callable[[int], None]) -> None:
+        """Part 0 of ``n`` here (``local(0)``), parts 1..n-1 in the helpers, then wait for them.
+        A helper that fails leaves its part to ``local``, and every later part too."""
+        if self.broken:
+            for i in range(n):
+                local(i)
+            return
+        req: dict[str, Any] = {"task": task, "n": n, "args": _encode(args), "err": np.geterr()}
+        sent: list[int] = []
+        try:
+            for i in range(1, n):
+                req["i"] = i
+                self.procs[i - 1].stdin.write((json.dumps(req) + "\n").encode())  # type: ignore[union-attr]
+                self.procs[i - 1].stdin.flush()  # type: ignore[union-attr]
+                sent.append(i)
+        except OSError:
+            self._fail("stopped")
+        try:
+            local(0)
+        finally:
+            failed = [i for i in range(1, n) if i not in sent]
+            try:
+                for i in sent:
+                    reply = self._reply(i - 1)
+                    if reply != "ok":
+                        failed.append(i)
+                        self._fail(reply)
+            except BaseException:  # interrupted while waiting: the replies can no longer be matched
+                self.broken = True
+                self.close()
+                raise
+        for i in sorted(failed):
+            local(i)
+
+    def _reply(self, k: int) -> str:
+        try:
+            line = self.procs[k].stdout.readline().decode().strip()  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            line = ""
+        if not line:
+            code = self.procs[k].poll()
+            return f"exited ({code})" if code is not None else "closed its output"
+        return line
+
+    def _fail(self, why: str) -> None:
+        if not self.broken:
+            warnings.warn(f"a NumPy helper process failed ({why[:300]}); the rest of this run computes its "
+                          f"part in the main process (the same numbers, fewer cores)", RuntimeWarning, stacklevel=4)
+        self.broken = True
+
+    def close(self) -> None:
+        _stop(self.procs)
+        self.procs = []
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        with contextlib.suppress(OSError, ValueError):
+            p.stdin.close()  # type: ignore[union-attr]  # a helper exits at the end of its input
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        with contextlib.suppress(OSError, ValueError):
+            p.stdout.close()  # type: ignore[union-attr]
+
+
+def serve() -> None:
+    """A helper's life: map the arrays, rebuild the workspace, run the parts asked for."""
+    from . import model
+
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing printed by accident may reach the protocol
+    hello = json.loads(sys.stdin.readline())
+    spec = {k: (tuple(s), d) for k, (s, d) in hello["spec"].items()}
+    work = model.Workspace(**hello["workspace"], attach=map_arrays(hello["path"], spec, create=False))
+    out.write(b"ready\n")
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            with np.errstate(**req["err"]):
+                work.run_part(req["task"], req["i"], req["n"], _decode(req["args"]))
+            reply = "ok"
+        except Exception as e:  # reported to the main process, which computes the part itself
+            reply = f"error {type(e).__name__}: {e}".replace("\n", " | ")
+        out.write(reply.encode() + b"\n")
+        out.flush()
