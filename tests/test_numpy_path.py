@@ -200,14 +200,15 @@ def test_numpy_error_state_reaches_the_helper_processes(capfd: pytest.CaptureFix
 
 def test_helper_processes_leave_no_file_and_stop_with_their_workspace() -> None:
     theta, prob = _parallel_problem()
-    before = set(glob.glob(os.path.join(shm_dir(), "mfres-numpy-*")))
+    mine = os.path.join(shm_dir(), f"mfres-numpy-{os.getpid()}-*")  # (other test workers have their own)
+    before = set(glob.glob(mine))
     backend = NumpyBackend(threads=3)
     backend.advance(theta, prob, 0.2, 1)
     work = backend._work
     assert work is not None and work.helpers is not None
     procs = list(work.helpers.procs)
     assert len(procs) == 2 and all(p.poll() is None for p in procs)
-    assert set(glob.glob(os.path.join(shm_dir(), "mfres-numpy-*"))) == before  # unlinked once mapped
+    assert set(glob.glob(mine)) == before  # unlinked once mapped
     assert backend.startup_seconds > 0
     work.close()
     assert all(p.poll() is not None for p in procs)
