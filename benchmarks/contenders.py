@@ -89,22 +89,38 @@ def problem(size: str, dtype: str, batch: int = 0):
 CPU: list[float] = []  # CPU seconds per step of the last measure(), all threads of the process
 
 
-def measure(advance, steps: int, repeats: int, evaluations=lambda n: n + 1) -> tuple[float, list[float]]:
+def measure(advance, steps: int, repeats: int, evaluations=lambda n: n + 1,
+            helpers=lambda: 0.0) -> tuple[float, list[float]]:
     """Median seconds per gradient evaluation (with its GD step) of ``advance(steps)``, which
     evaluates ``evaluations(steps)`` times: n + 1 (E after the last step too), or n for a
-    backend that carries the last ∇E over from the previous call."""
+    backend that carries the last ∇E over from the previous call. CPU time: this process's
+    and ``helpers()``, the CPU seconds of its helper processes so far."""
     advance(1)  # warm-up: buffers, caches, first-call costs
     times, cpu = [], []
     losses: list[float] = []
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), time.process_time() + helpers()
         out = advance(steps)
         k = evaluations(steps)
         times.append((time.perf_counter() - t0) / k)
-        cpu.append((time.process_time() - c0) / k)
+        cpu.append((time.process_time() + helpers() - c0) / k)
         losses = out
     CPU[:] = [float(np.median(cpu))]
     return float(np.median(times)), losses
+
+
+def helper_cpu(backend) -> float:
+    """CPU seconds (user + system) of the NumPy backend's helper processes so far (Linux /proc)."""
+    helpers = getattr(backend._work, "helpers", None)
+    total = 0.0
+    for p in helpers.procs if helpers is not None else []:
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def run_numpy(size: str, dtype: str, memory: str, batch: int, steps: int | None, threads: int | None) -> dict:
@@ -121,7 +137,7 @@ def run_numpy(size: str, dtype: str, memory: str, batch: int, steps: int | None,
     if steps:
         n, repeats = steps, 1
     sec, losses = measure(lambda k: np.atleast_1d(backend.advance(theta, prob, 0.1, k).loss[:, ...]).tolist(), n,
-                          repeats, lambda k: k if backend.continued else k + 1)
+                          repeats, lambda k: k if backend.continued else k + 1, lambda: helper_cpu(backend))
     recompute = choose_recompute(memory, L, M, N, np.dtype(dtype), max(batch, 1))
     kept = model.workspace_bytes(L, M, d, N, np.dtype(dtype), recompute, max(batch, 1), backend.threads)
     return {"sec_per_step": sec, "peak_bytes": peak_rss_bytes() - base, "kept_bytes": kept,

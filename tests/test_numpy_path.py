@@ -3,6 +3,7 @@ reproducibility, helpers that fail or are orphaned."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import subprocess
@@ -232,25 +233,44 @@ def test_a_helper_that_dies_leaves_its_part_to_the_main_process() -> None:
         np.testing.assert_array_equal(getattr(theta, v), getattr(ref, v))
 
 
-@pytest.mark.parametrize("broken", ["_folder", "popen"])
+@pytest.mark.parametrize("broken", ["posix_fallocate", "popen"])
 def test_without_room_or_helpers_a_run_uses_one_core(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
     """No room for the shared arrays (a container's small /dev/shm), or no helper starting: a warning,
     and the same numbers on one core."""
     from mfres import parallel
 
     def fail(*args: object, **kwargs: object) -> None:
-        raise OSError("no room here" if broken == "_folder" else "cannot start")
+        raise OSError(errno.ENOSPC, "No space left on device") if broken == "posix_fallocate" else OSError("no")
 
     theta, prob = _parallel_problem()
     ref = theta.copy()
     want = NumpyBackend(threads=1).advance(ref, prob, 0.2, 2)
-    monkeypatch.setattr(parallel, broken, fail)
+    monkeypatch.setattr(parallel.os if broken == "posix_fallocate" else parallel, broken, fail)
     backend = NumpyBackend(threads=2)
     with pytest.warns(RuntimeWarning, match="uses one core"):
         traj = backend.advance(theta, prob, 0.2, 2)
     assert backend._work is not None and backend._work.helpers is None
     np.testing.assert_array_equal(traj.loss, want.loss)
     np.testing.assert_array_equal(theta.W, ref.W)
+
+
+def test_a_part_done_again_after_a_helper_failed_on_it_gives_the_same_numbers() -> None:
+    """A helper may fail halfway through its part of the stored adjoint, which turns σ' into T in
+    place: the part done again here (``redo_part``) still gives the gradient of a plain run, bit for bit."""
+    theta, prob = _parallel_problem()
+    L = theta.shape[0]
+    work = model.Workspace.for_problem(theta.batched(), prob.x)  # one process: the reference
+    model.loss_and_grad(theta, prob.x, prob.y, prob.a, prob.activation, prob.weight_decay, work)
+    want = [g.copy() for g in (work.G.U, work.G.W, work.G.b)]
+    args = {"act": prob.activation, "layers": range(L - 1, -1, -1)}
+    assert len(work.blocks) >= 2
+    work.run_part("adjoint", 1, 2, args)  # a second pass over blocks whose σ' is already T: wrong
+    work.run("gradient", layers=args["layers"])
+    assert not np.array_equal(work.G.W, want[1])
+    work.redo_part("adjoint", 1, 2, args)
+    work.run("gradient", layers=args["layers"])
+    for got, ref in zip((work.G.U, work.G.W, work.G.b), want, strict=True):
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_helper_processes_die_with_their_parent(tmp_path: Path) -> None:

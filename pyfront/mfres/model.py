@@ -65,11 +65,11 @@ def learning_rate(L: int, M: int, ds: float) -> float:
 
 
 def sample_block(N: int, M: int) -> int:
-    """Samples per block of the threaded passes: nb = CHUNK / M (a block's activations fill
+    """Samples per block of the passes: nb = CHUNK / M (a block's activations fill
     ``activations.CHUNK``), or 2·nb where N holds at least two blocks of 2·nb (fewer, longer
     NumPy calls: at large, 64 samples a block made a step 1.17× faster than 32).
 
-    A function of the problem only (never of the thread count), so that results are too."""
+    A function of the problem only (never of the number of cores), so that results are too."""
     nb = max(1, CHUNK // max(M, 1))
     return min(N, 2 * nb if 2 * nb <= N // 2 else nb)
 
@@ -81,7 +81,7 @@ def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: 
     nb = sample_block(N, M)
     per_thread = 2 * nb * M + nb * (d + 1) + M * (d + 1) + 6 * CHUNK + CHUNK // 2
     work = 2 * layers * N * M + 2 * (L + 1) * N * (d + 1) + N + threads * per_thread
-    particles = 6 * L * M * (2 * d + 1)  # θ, ∇E, [W b], [U 0], the chunk-start copy, the snapshot cast
+    particles = 7 * L * M * (2 * d + 1)  # θ, ∇E and G, [W b], [U 0], the chunk-start copy, the snapshot cast
     return int(np.dtype(dtype).itemsize * B * (work + particles))
 
 
@@ -203,7 +203,7 @@ class Workspace:
 
     @property
     def parallel(self) -> bool:
-        """Large enough to split over threads (a property of the problem, not of ``threads``)."""
+        """Large enough to split over processes (a property of the problem, not of ``threads``)."""
         return self.L * self.B * self.N * self.M >= PARALLEL_MIN
 
     def items(self, task: str, args: dict[str, Any]) -> list:
@@ -217,7 +217,15 @@ class Workspace:
         if n <= 1 or self.helpers is None:
             TASKS[task](self, items, self.scratch, **args)
             return
-        self.helpers.run(task, n, args, lambda i: self.run_part(task, i, n, args))
+        self.helpers.run(task, n, args, lambda i: self.run_part(task, i, n, args),
+                         lambda i: self.redo_part(task, i, n, args))
+
+    def redo_part(self, task: str, i: int, n: int, args: dict[str, Any]) -> None:
+        """Part i of n of ``task`` done here again, after a helper failed on it: the stored adjoint
+        turns σ' into T in place, so its blocks' forward pass comes first."""
+        if task == "adjoint" and not self.recompute:
+            self.run_part("forward", i, n, {"act": args["act"]})
+        self.run_part(task, i, n, args)
 
     def run_part(self, task: str, i: int, n: int, args: dict[str, Any]) -> None:
         """Part i of n of ``task``'s items, here."""

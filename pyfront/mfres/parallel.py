@@ -12,7 +12,8 @@ run, so that the numbers do not depend on how many processes there are.
 A helper runs in its own session (a terminal's Ctrl-C reaches only the main process)
 and dies with it (``PR_SET_PDEATHSIG``, and end of its stdin). If a helper fails or
 dies, the main process computes its parts itself from then on, with a warning: the
-same numbers, on one core.
+same numbers, on one core (a part the helper may have half done is done again from
+its inputs). Not handled: a helper that hangs without dying (the main process waits).
 """
 
 from __future__ import annotations
@@ -54,22 +55,22 @@ def map_arrays(path: str, spec: Spec, create: bool) -> dict[str, np.ndarray]:
             for name, (shape, dt) in spec.items()}
 
 
-def _folder(size: int) -> str:
-    """/dev/shm if it has room for ``size`` bytes (a container's is often 64 MiB; writing past
-    its end would kill the process with SIGBUS), else the temp dir if that has; else OSError."""
-    for folder in dict.fromkeys((shm_dir(), tempfile.gettempdir())):
-        st = os.statvfs(folder)
-        if st.f_bavail * st.f_frsize >= size + (64 << 20):
-            return folder
-    raise OSError(f"no room for {size / 2**20:.0f} MiB of shared arrays in {shm_dir()} or {tempfile.gettempdir()}")
-
-
 def shared_arrays(spec: Spec) -> tuple[dict[str, np.ndarray], str]:
-    """New zeroed arrays of ``spec`` in a file of their own (``_folder``), and its path."""
-    fd, path = tempfile.mkstemp(prefix=f"mfres-numpy-{os.getpid()}-", suffix=".bin", dir=_folder(_offsets(spec)[1]))
-    os.close(fd)
+    """New zeroed arrays of ``spec`` in a file of their own in /dev/shm (else the temp dir), and its path.
+
+    The file's blocks are allocated first: a full /dev/shm (a container's is often 64 MiB) is then
+    an OSError here, not a SIGBUS at the first write past its end."""
+    size = _offsets(spec)[1]
+    fd, path = tempfile.mkstemp(prefix=f"mfres-numpy-{os.getpid()}-", suffix=".bin", dir=shm_dir())
     try:
-        return map_arrays(path, spec, create=True), path
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            raise OSError(f"no room for {size / 2**20:.0f} MiB of shared arrays in {os.path.dirname(path)} "
+                          f"({e.strerror})") from None
+        finally:
+            os.close(fd)
+        return map_arrays(path, spec, create=False), path
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -118,9 +119,9 @@ class Helpers:
     def __init__(self, count: int, path: str, spec: Spec, workspace: dict[str, Any]) -> None:
         self.procs: list[subprocess.Popen] = []
         self.broken = False
-        # this very mfres (the folder that holds it first on the path), BLAS on one thread
-        code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); " \
-               "from mfres.parallel import serve; serve()"
+        # the parent's own modules (its sys.path, and this mfres's folder first), BLAS on one thread
+        modules = [str(Path(__file__).resolve().parent.parent), *sys.path]
+        code = f"import sys; sys.path[:] = {modules!r}; from mfres.parallel import serve; serve()"
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         hello = json.dumps({"path": path, "spec": {k: [list(s), d] for k, (s, d) in spec.items()},
                             "workspace": workspace}) + "\n"
@@ -141,9 +142,12 @@ class Helpers:
             raise
         self._finalizer = weakref.finalize(self, _stop, self.procs)
 
-    def run(self, task: str, n: int, args: dict[str, Any], local: Callable[[int], None]) -> None:
+    def run(self, task: str, n: int, args: dict[str, Any], local: Callable[[int], None],
+            redo: Callable[[int], None]) -> None:
         """Part 0 of ``n`` here (``local(0)``), parts 1..n-1 in the helpers, then wait for them.
-        A helper that fails leaves its part to ``local``, and every later part too."""
+        A part whose helper failed is done here by ``redo`` (which first restores what the part
+        may have half overwritten), and every later part too. A floating-point error that the
+        caller's error state raises is raised here, from the part done again."""
         if self.broken:
             for i in range(n):
                 local(i)
@@ -158,22 +162,29 @@ class Helpers:
                 sent.append(i)
         except OSError:
             self._fail("stopped")
+        except BaseException:  # interrupted between a request and its record: replies could not be matched
+            self._abandon()
+            raise
+        again: list[int] = [i for i in range(1, n) if i not in sent]
         try:
             local(0)
         finally:
-            failed = [i for i in range(1, n) if i not in sent]
             try:
                 for i in sent:
                     reply = self._reply(i - 1)
                     if reply != "ok":
-                        failed.append(i)
-                        self._fail(reply)
+                        again.append(i)
+                        if not reply.startswith("error FloatingPointError"):
+                            self._fail(reply)
             except BaseException:  # interrupted while waiting: the replies can no longer be matched
-                self.broken = True
-                self.close()
+                self._abandon()
                 raise
-        for i in sorted(failed):
-            local(i)
+        for i in sorted(again):
+            redo(i)
+
+    def _abandon(self) -> None:
+        self.broken = True
+        self.close()
 
     def _reply(self, k: int) -> str:
         try:
@@ -212,10 +223,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 def serve() -> None:
     """A helper's life: map the arrays, rebuild the workspace, run the parts asked for."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # nothing printed by accident, from Python or C, may reach the protocol
+    sys.stdout = sys.stderr
     from . import model
 
-    out = sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing printed by accident may reach the protocol
     hello = json.loads(sys.stdin.readline())
     spec = {k: (tuple(s), d) for k, (s, d) in hello["spec"].items()}
     work = model.Workspace(**hello["workspace"], attach=map_arrays(hello["path"], spec, create=False))

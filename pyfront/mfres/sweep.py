@@ -331,7 +331,7 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
     ``backend``: numpy, julia or auto, chosen in each worker. ``overwrite``: start afresh,
     removing an existing ``out`` and its sidecar folder ``out.parts``. ``progress(done,
     total, info)`` is called as tasks end (``info``: the task's options, its runs' ``status``
-    and the Julia ``startup_seconds`` it paid). Only one process may write ``out`` at a time.
+    and the ``startup_seconds`` its backend paid, and that ``backend``). Only one process may write ``out`` at a time.
     """
     workers = _check_workers(workers, scheduler)
     if backend not in BACKENDS:
@@ -379,7 +379,8 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
                     cost = last - t0
                 if progress:
                     progress(done, total, {**g["options"], "status": list(result["status"]),
-                                           "startup_seconds": float(result.get("startup_seconds", 0.0))})
+                                           "startup_seconds": float(result.get("startup_seconds", 0.0)),
+                                           "backend": str(result.get("backend", ""))})
         if store.dirty:
             store.publish()
         return store.state.counts()

@@ -39,7 +39,7 @@ def worker_backend(name: str, threads: int | None, device: str, memory: str) -> 
 
 
 def startup_total() -> float:
-    """Seconds this process's backends have spent starting Julia and compiling its kernels."""
+    """Seconds this process's backends have spent starting (Julia and its compilation, NumPy's helpers)."""
     return sum(float(b.startup_seconds) for b in _BACKENDS.values())
 
 
@@ -62,7 +62,7 @@ def run_task(options: dict[str, Any], seeds: Sequence[int], stride: int, backend
     ``options``: ``RunConfig`` fields but ``seed`` (``steps`` already the run's own);
     returns per run ``loss`` (B, steps/stride + 1), ``status``, ``message``, ``seconds``,
     ``rise_count``, ``max_rise``, and the ``backend`` used and the task's ``startup_seconds``
-    (Julia's start and compilation, when the task paid for them).
+    (Julia's start and compilation, NumPy's helper processes, when the task paid for them).
     """
     t0, s0 = time.perf_counter(), startup_total()
     B = len(seeds)

@@ -16,8 +16,8 @@ with a leading axis B) advances every net by n steps (E and velocities of shape
 Backends: ``numpy_backend.NumpyBackend`` (the reference), ``julia_backend.JuliaBackend``
 (juliacall, in-process) and ``julia_exe.JuliaExeBackend`` (a Julia executable in a child
 process, arrays in shared memory). Every backend has ``startup_seconds``: the seconds it
-has spent starting and compiling so far (Julia's start and each first compilation; 0 for
-NumPy), which the training loop keeps apart from the steps. Julia backends also have
+has spent starting and compiling so far (Julia's start and each first compilation; NumPy's
+helper processes), which the training loop keeps apart from the steps. Julia backends also have
 ``transport``, ``threads``, ``describe()`` and ``close()``.
 
 ``begin_advance(theta, problem, ds, n)`` is ``advance`` in two halves: it returns a function

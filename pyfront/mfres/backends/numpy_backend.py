@@ -34,7 +34,7 @@ _BLAS: list = []
 
 @contextlib.contextmanager
 def one_blas_thread(work: model.Workspace | None = None) -> Iterator[None]:
-    """BLAS on one thread inside: the backend's own threads split the work (an OpenBLAS that
+    """BLAS on one thread inside: the backend's own processes split the work (an OpenBLAS that
     spins its own threads against ours, or against other processes on a busy machine, can
     be ten times slower), and a product's numbers never depend on how BLAS cut it.
 
