@@ -64,7 +64,10 @@ def shared_arrays(spec: Spec) -> tuple[dict[str, np.ndarray], str]:
     fd, path = tempfile.mkstemp(prefix=f"mfres-numpy-{os.getpid()}-", suffix=".bin", dir=shm_dir())
     try:
         try:
-            os.posix_fallocate(fd, 0, size)
+            if hasattr(os, "posix_fallocate"):  # (not on macOS, which has no small /dev/shm either)
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
         except OSError as e:
             raise OSError(f"no room for {size / 2**20:.0f} MiB of shared arrays in {os.path.dirname(path)} "
                           f"({e.strerror})") from None
