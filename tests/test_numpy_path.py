@@ -4,6 +4,7 @@ reproducibility, helpers that fail or are orphaned."""
 from __future__ import annotations
 
 import errno
+import gc
 import glob
 import os
 import subprocess
@@ -199,20 +200,32 @@ def test_numpy_error_state_reaches_the_helper_processes(capfd: pytest.CaptureFix
     assert "Warning" not in capfd.readouterr().err
 
 
-def test_helper_processes_leave_no_file_and_stop_with_their_workspace() -> None:
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("kind", ["memfd", "file"])
+def test_helper_processes_leave_nothing_open_and_stop_with_their_workspace(monkeypatch: pytest.MonkeyPatch,
+                                                                            kind: str) -> None:
+    """The shared file is closed (an anonymous one, Linux) or unlinked (a named one, elsewhere) once
+    the helpers have mapped it; they stop with their workspace."""
+    if kind == "file":
+        monkeypatch.delattr(os, "memfd_create", raising=False)
     theta, prob = _parallel_problem()
     mine = os.path.join(shm_dir(), f"mfres-numpy-{os.getpid()}-*")  # (other test workers have their own)
-    before = set(glob.glob(mine))
+    files, fds = set(glob.glob(mine)), _open_fds()
     backend = NumpyBackend(threads=3)
     backend.advance(theta, prob, 0.2, 1)
     work = backend._work
     assert work is not None and work.helpers is not None
     procs = list(work.helpers.procs)
     assert len(procs) == 2 and all(p.poll() is None for p in procs)
-    assert set(glob.glob(mine)) == before  # unlinked once mapped
-    assert backend.startup_seconds > 0
+    assert set(glob.glob(mine)) == files
     work.close()
     assert all(p.poll() is not None for p in procs)
+    del work, backend
+    gc.collect()
+    assert _open_fds() <= fds  # nor a descriptor once the arrays are gone (the mapping holds one)
 
 
 def test_a_helper_that_dies_leaves_its_part_to_the_main_process() -> None:

@@ -12,7 +12,6 @@ A gradient-descent step of pseudo-time Δs is ``θ ← θ − Δs L M ∇E`` (``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import warnings
@@ -148,12 +147,12 @@ class Workspace:
         spec = {"Z": (L + 1, B, N, d + 1), "P": (L + 1, B, N, d + 1), "S": (layers, B, N, M),
                 "D": (layers, B, N, M), "Wb": (B, L, M, d + 1), "U0": (B, L, M, d + 1),
                 "GU": (B, L, M, d), "GW": (B, L, M, d), "Gb": (B, L, M)}
-        arrays, path = self.attach, None
+        arrays, source = self.attach, None
         if arrays is None and self.threads > 1 and self.parallel:
             from . import parallel
 
             try:
-                arrays, path = parallel.shared_arrays({k: (v, dt.name) for k, v in spec.items()})
+                arrays, source = parallel.shared_arrays({k: (v, dt.name) for k, v in spec.items()})
             except OSError as e:
                 warnings.warn(f"{e}; this run uses one core", RuntimeWarning, stacklevel=2)
         if arrays is None:
@@ -168,20 +167,19 @@ class Workspace:
         nb = sample_block(N, M)
         self.blocks = [slice(i, min(i + nb, N)) for i in range(0, N, nb)]
         self.scratch = _ThreadScratch(B, nb, M, d, dt)
-        if path is not None:
+        if source is not None:
             from . import parallel
 
             t0 = time.perf_counter()
             try:
                 rebuild = {"L": L, "M": M, "d": d, "N": N, "dtype": dt.name, "B": B, "recompute": self.recompute}
-                self.helpers = parallel.Helpers(self.threads - 1, path, {k: (v, dt.name) for k, v in spec.items()},
+                self.helpers = parallel.Helpers(self.threads - 1, source, {k: (v, dt.name) for k, v in spec.items()},
                                                 rebuild)
             except OSError as e:  # the arrays stay shared, with no one to share them with
                 warnings.warn(f"cannot start NumPy helper processes ({e}); this run uses one core",
                               RuntimeWarning, stacklevel=2)
             finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)  # every helper has mapped it (or none will)
+                parallel.release(source)  # every helper has mapped it (or none will)
             self.startup_seconds = time.perf_counter() - t0
 
     def load(self, theta: Particles) -> None:

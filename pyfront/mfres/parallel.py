@@ -5,7 +5,7 @@ NumPy releases the GIL inside each call, but a step at the medium size makes abo
 call: measured on a 2-core AMD EPYC, two threads running the activation's passes on
 their own sample blocks took as long as one thread doing both. Processes share no GIL.
 A helper is a Python process (``serve``) that maps the workspace's arrays from one file
-in ``/dev/shm`` and runs its part of a pass on them when asked (one line each way per
+in memory (``shared_arrays``) and runs its part of a pass on them when asked (one line each way per
 pass, on its stdin and stdout), the same function on the same part as a thread would
 run, so that the numbers do not depend on how many processes there are.
 
@@ -47,37 +47,56 @@ def _offsets(spec: Spec) -> tuple[dict[str, int], int]:
     return offsets, max(size, 1)
 
 
-def map_arrays(path: str, spec: Spec, create: bool) -> dict[str, np.ndarray]:
-    """The arrays of ``spec`` over one file (created at its size with ``create``), 64-byte aligned, in order."""
+def map_arrays(source: int | str, spec: Spec) -> dict[str, np.ndarray]:
+    """The arrays of ``spec`` over one existing file (a descriptor or a path), 64-byte aligned, in order."""
     offsets, size = _offsets(spec)
-    mm = np.memmap(path, dtype=np.uint8, mode="w+" if create else "r+", shape=(size,))
+    if isinstance(source, int):
+        with open(source, "r+b", closefd=False) as f:  # the mapping keeps a descriptor of its own
+            mm = np.memmap(f, dtype=np.uint8, mode="r+", shape=(size,))
+    else:
+        mm = np.memmap(source, dtype=np.uint8, mode="r+", shape=(size,))
     return {name: np.ndarray(shape, np.dtype(dt), buffer=mm, offset=offsets[name])
             for name, (shape, dt) in spec.items()}
 
 
-def shared_arrays(spec: Spec) -> tuple[dict[str, np.ndarray], str]:
-    """New zeroed arrays of ``spec`` in a file of their own in /dev/shm (else the temp dir), and its path.
+def shared_arrays(spec: Spec) -> tuple[dict[str, np.ndarray], int | str]:
+    """New zeroed arrays of ``spec`` in a file of their own, and that file: on Linux an anonymous
+    one (``memfd_create``: no name in any folder to leave behind, no /dev/shm size limit), passed
+    to the helpers by descriptor; elsewhere a file in the temp dir, by path. The caller closes
+    or unlinks it once the helpers have mapped it.
 
-    The file's blocks are allocated first: a full /dev/shm (a container's is often 64 MiB) is then
-    an OSError here, not a SIGBUS at the first write past its end."""
+    The file's blocks are allocated first: no room is then an OSError here, not a SIGBUS at the
+    first write past the end."""
     size = _offsets(spec)[1]
-    fd, path = tempfile.mkstemp(prefix=f"mfres-numpy-{os.getpid()}-", suffix=".bin", dir=shm_dir())
+    if hasattr(os, "memfd_create"):
+        fd, source = os.memfd_create("mfres-numpy", os.MFD_CLOEXEC), None
+    else:  # pragma: no cover - not Linux
+        fd, path = tempfile.mkstemp(prefix=f"mfres-numpy-{os.getpid()}-", suffix=".bin", dir=shm_dir())
+        source = path
     try:
         try:
-            if hasattr(os, "posix_fallocate"):  # (not on macOS, which has no small /dev/shm either)
+            if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(fd, 0, size)
-            else:
+            else:  # pragma: no cover - macOS
                 os.ftruncate(fd, size)
         except OSError as e:
-            raise OSError(f"no room for {size / 2**20:.0f} MiB of shared arrays in {os.path.dirname(path)} "
-                          f"({e.strerror})") from None
-        finally:
-            os.close(fd)
-        return map_arrays(path, spec, create=False), path
+            raise OSError(f"no room for {size / 2**20:.0f} MiB of shared arrays ({e.strerror})") from None
+        if source is None:
+            return map_arrays(fd, spec), fd
+        os.close(fd)
+        return map_arrays(source, spec), source
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        release(fd if source is None else source)
         raise
+
+
+def release(source: int | str) -> None:
+    """Close (a descriptor) or unlink (a path) a file of ``shared_arrays``: the mappings stay."""
+    with contextlib.suppress(OSError):
+        if isinstance(source, int):
+            os.close(source)
+        else:
+            os.unlink(source)
 
 
 def _encode(args: dict[str, Any]) -> dict[str, Any]:
@@ -115,24 +134,24 @@ class Helpers:
     """``count`` helper processes over the shared arrays of one workspace.
 
     ``workspace``: the keyword arguments that rebuild the workspace in a helper
-    (``model.Workspace`` with ``attach``), ``path``: the file of its arrays, which is
-    unlinked once every helper has mapped it.
+    (``model.Workspace`` with ``attach``), ``source``: the file of its arrays (``shared_arrays``).
     """
 
-    def __init__(self, count: int, path: str, spec: Spec, workspace: dict[str, Any]) -> None:
+    def __init__(self, count: int, source: int | str, spec: Spec, workspace: dict[str, Any]) -> None:
         self.procs: list[subprocess.Popen] = []
         self.broken = False
         # the parent's own modules (its sys.path, and this mfres's folder first), BLAS on one thread
         modules = [str(Path(__file__).resolve().parent.parent), *sys.path]
         code = f"import sys; sys.path[:] = {modules!r}; from mfres.parallel import serve; serve()"
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        hello = json.dumps({"path": path, "spec": {k: [list(s), d] for k, (s, d) in spec.items()},
+        hello = json.dumps({"source": source, "spec": {k: [list(s), d] for k, (s, d) in spec.items()},
                             "workspace": workspace}) + "\n"
         try:
             for _ in range(count):
                 self.procs.append(popen(args=[sys.executable, "-c", code],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                        start_new_session=True, preexec_fn=pdeathsig(), close_fds=True))
+                                        start_new_session=True, preexec_fn=pdeathsig(), close_fds=True,
+                                        pass_fds=(source,) if isinstance(source, int) else ()))
             for p in self.procs:
                 p.stdin.write(hello.encode())  # type: ignore[union-attr]
                 p.stdin.flush()  # type: ignore[union-attr]
@@ -233,7 +252,7 @@ def serve() -> None:
 
     hello = json.loads(sys.stdin.readline())
     spec = {k: (tuple(s), d) for k, (s, d) in hello["spec"].items()}
-    work = model.Workspace(**hello["workspace"], attach=map_arrays(hello["path"], spec, create=False))
+    work = model.Workspace(**hello["workspace"], attach=map_arrays(hello["source"], spec))
     out.write(b"ready\n")
     out.flush()
     for line in sys.stdin:
