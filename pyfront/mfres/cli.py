@@ -311,9 +311,10 @@ def sweep(depth: str, width: str, seeds: int, workers: int | None, scheduler: st
                          "run the same command again to redo them")
 
 
-def _sweep_with_progress(spec: Any, out: str, quiet: bool, kwargs: dict[str, Any]) -> tuple[dict[str, int], float]:
+def _sweep_with_progress(spec: Any, out: str, quiet: bool,
+                         kwargs: dict[str, Any]) -> tuple[dict[str, int], dict[str, float]]:
     """``run_sweep`` with a ``tqdm`` bar over the grid points on stderr (none with ``--quiet``);
-    returns its counts and the seconds its workers spent starting Julia and compiling."""
+    returns its counts and, by backend, the seconds its workers spent starting it."""
     from .api import sweep_progress
     from .sweep import run_sweep
 

@@ -331,7 +331,7 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
     ``backend``: numpy, julia or auto, chosen in each worker. ``overwrite``: start afresh,
     removing an existing ``out`` and its sidecar folder ``out.parts``. ``progress(done,
     total, info)`` is called as tasks end (``info``: the task's options, its runs' ``status``
-    and the ``startup_seconds`` its backend paid, and that ``backend``). Only one process may write ``out`` at a time.
+    and the ``startup_seconds`` its ``backend`` paid). Only one process may write ``out`` at a time.
     """
     workers = _check_workers(workers, scheduler)
     if backend not in BACKENDS:
