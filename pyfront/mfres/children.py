@@ -1,4 +1,4 @@
-"""Child processes that die with their parent, and the folder for arrays they share.
+"""Child processes that die with their parent, and the files of arrays they share.
 
 Used by the Julia executable transport (``backends.julia_exe``) and the NumPy backend's
 helper processes (``parallel``).
@@ -15,6 +15,13 @@ import sys
 import tempfile
 import threading
 from typing import Any
+
+import numpy as np
+
+ALIGN = 64
+"""Byte alignment of each array in a shared file."""
+
+Spec = dict[str, tuple[tuple[int, ...], Any]]  # name -> (shape, dtype or its name), in file order
 
 
 def pdeathsig() -> Any:
@@ -84,3 +91,24 @@ def shm_dir() -> str:
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         return "/dev/shm"
     return tempfile.gettempdir()
+
+
+def array_offsets(spec: Spec) -> tuple[dict[str, int], int]:
+    """Each array's byte offset in a shared file of ``spec``, 64-byte aligned, in order, and the file's size."""
+    offsets, size = {}, 0
+    for name, (shape, dt) in spec.items():
+        offsets[name] = size
+        size += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // ALIGN) * ALIGN
+    return offsets, max(size, 1)
+
+
+def map_arrays(source: int | str, spec: Spec) -> dict[str, np.ndarray]:
+    """The arrays of ``spec`` over one existing file of at least its size (a descriptor or a path)."""
+    offsets, size = array_offsets(spec)
+    if isinstance(source, int):
+        with open(source, "r+b", closefd=False) as f:  # the mapping keeps a descriptor of its own
+            mm = np.memmap(f, dtype=np.uint8, mode="r+", shape=(size,))
+    else:
+        mm = np.memmap(source, dtype=np.uint8, mode="r+", shape=(size,))
+    return {name: np.ndarray(shape, np.dtype(dt), buffer=mm, offset=offsets[name])
+            for name, (shape, dt) in spec.items()}

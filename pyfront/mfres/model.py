@@ -78,8 +78,8 @@ def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: 
     """Bytes of a ``Workspace`` plus θ, its gradient and a copy of θ (what a run holds)."""
     layers = 1 if recompute else L
     nb = sample_block(N, M)
-    per_thread = 2 * nb * M + nb * (d + 1) + M * (d + 1) + 6 * CHUNK + CHUNK // 2
-    work = 2 * layers * N * M + 2 * (L + 1) * N * (d + 1) + N + threads * per_thread
+    per_process = 2 * nb * M + nb * (d + 1) + M * (d + 1) + 6 * CHUNK + CHUNK // 2
+    work = 2 * layers * N * M + 2 * (L + 1) * N * (d + 1) + N + threads * per_process
     particles = 7 * L * M * (2 * d + 1)  # θ, ∇E and G, [W b], [U 0], the chunk-start copy, the snapshot cast
     return int(np.dtype(dtype).itemsize * B * (work + particles))
 
@@ -135,7 +135,7 @@ class Workspace:
     U0: np.ndarray = field(init=False)
     G: Particles = field(init=False)
     blocks: list[slice] = field(init=False)
-    scratch: _ThreadScratch = field(init=False)
+    scratch: _Scratch = field(init=False)
     helpers: Any = field(init=False, default=None)
     startup_seconds: float = field(init=False, default=0.0)
 
@@ -144,19 +144,20 @@ class Workspace:
         self.dtype = dt
         self.threads = max(1, int(self.threads))
         layers = 1 if self.recompute else L
-        spec = {"Z": (L + 1, B, N, d + 1), "P": (L + 1, B, N, d + 1), "S": (layers, B, N, M),
-                "D": (layers, B, N, M), "Wb": (B, L, M, d + 1), "U0": (B, L, M, d + 1),
-                "GU": (B, L, M, d), "GW": (B, L, M, d), "Gb": (B, L, M)}
+        shapes = {"Z": (L + 1, B, N, d + 1), "P": (L + 1, B, N, d + 1), "S": (layers, B, N, M),
+                  "D": (layers, B, N, M), "Wb": (B, L, M, d + 1), "U0": (B, L, M, d + 1),
+                  "GU": (B, L, M, d), "GW": (B, L, M, d), "Gb": (B, L, M)}
+        spec = {k: (v, dt.name) for k, v in shapes.items()}
         arrays, source = self.attach, None
         if arrays is None and self.threads > 1 and self.parallel:
             from . import parallel
 
             try:
-                arrays, source = parallel.shared_arrays({k: (v, dt.name) for k, v in spec.items()})
+                arrays, source = parallel.shared_arrays(spec)
             except OSError as e:
                 warnings.warn(f"{e}; this run uses one core", RuntimeWarning, stacklevel=2)
         if arrays is None:
-            arrays = {k: np.empty(v, dt) for k, v in spec.items()}
+            arrays = {k: np.empty(v, dt) for k, v in shapes.items()}
         for k in ("Z", "P", "S", "D", "Wb", "U0"):
             setattr(self, k, arrays[k])
         self.G = Particles(arrays["GU"], arrays["GW"], arrays["Gb"])
@@ -166,15 +167,14 @@ class Workspace:
         self.r = np.empty((B, N), dt)
         nb = sample_block(N, M)
         self.blocks = [slice(i, min(i + nb, N)) for i in range(0, N, nb)]
-        self.scratch = _ThreadScratch(B, nb, M, d, dt)
+        self.scratch = _Scratch(B, nb, M, d, dt)
         if source is not None:
             from . import parallel
 
             t0 = time.perf_counter()
             try:
                 rebuild = {"L": L, "M": M, "d": d, "N": N, "dtype": dt.name, "B": B, "recompute": self.recompute}
-                self.helpers = parallel.Helpers(self.threads - 1, source, {k: (v, dt.name) for k, v in spec.items()},
-                                                rebuild)
+                self.helpers = parallel.Helpers(self.threads - 1, source, spec, rebuild)
             except OSError as e:  # the arrays stay shared, with no one to share them with
                 warnings.warn(f"cannot start NumPy helper processes ({e}); this run uses one core",
                               RuntimeWarning, stacklevel=2)
@@ -226,10 +226,9 @@ class Workspace:
         self.run_part(task, i, n, args)
 
     def run_part(self, task: str, i: int, n: int, args: dict[str, Any]) -> None:
-        """Part i of n of ``task``'s items, here."""
-        from .parallel import _part
-
-        TASKS[task](self, _part(self.items(task, args), i, n), self.scratch, **args)
+        """Part i of n of ``task``'s items, here: the i-th of n contiguous runs of them."""
+        items = self.items(task, args)
+        TASKS[task](self, items[len(items) * i // n: len(items) * (i + 1) // n], self.scratch, **args)
 
     def close(self) -> None:
         """Stop the helper processes (also done when the workspace is collected)."""
@@ -243,7 +242,7 @@ PARALLEL_MIN = 1 << 18
 more on a busy machine (measured with threads: at the default size, 65536, two were slower than one)."""
 
 
-class _ThreadScratch:
+class _Scratch:
     """One process's buffers: one sample block's pre-activations and adjoint products."""
 
     def __init__(self, B: int, nb: int, M: int, d: int, dtype: np.dtype) -> None:
@@ -253,7 +252,7 @@ class _ThreadScratch:
         self.act = Scratch(dtype)
 
 
-def _forward_blocks(work: Workspace, act: Activation, blocks: list[slice], ts: _ThreadScratch) -> None:
+def _forward_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Activation) -> None:
     """z_1..z_L of the samples in ``blocks`` (and their σ, σ' in store mode)."""
     Z, S, D, c = work.Z, work.S, work.D, work.dtype.type(1.0 / (work.L * work.M))
     Wbt = work.Wb.transpose(0, 1, 3, 2)
@@ -269,8 +268,7 @@ def _forward_blocks(work: Workspace, act: Activation, blocks: list[slice], ts: _
             zn += Z[l, :, blk]  # ... + 1
 
 
-def _adjoint_blocks(work: Workspace, act: Activation, layers: range, blocks: list[slice],
-                    ts: _ThreadScratch) -> None:
+def _adjoint_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Activation, layers: range) -> None:
     """p_l for l in ``layers`` (descending) of the samples in ``blocks``; D becomes T."""
     Z, P, S, D, c = work.Z, work.P, work.S, work.D, work.dtype.type(1.0 / (work.L * work.M))
     U0t = work.U0.transpose(0, 1, 3, 2)
@@ -291,10 +289,11 @@ def _adjoint_blocks(work: Workspace, act: Activation, layers: range, blocks: lis
             np.add(P[l + 1, :, blk], pn, out=P[l, :, blk])
 
 
-def _gradient_layers(work: Workspace, layers: list[int], ts: _ThreadScratch) -> None:
-    """∂E/∂U, ∂E/∂[W b] of ``layers`` into ``work.G``, up to the factor h/(M N): one product over all samples each."""
+def _gradient_layers(work: Workspace, part: list[int], ts: _Scratch, layers: range) -> None:
+    """∂E/∂U, ∂E/∂[W b] of the layers ``part`` (of ``layers``) into ``work.G``, up to the factor h/(M N):
+    one product over all samples each."""
     d, gb = work.d, work.G
-    for l in layers:
+    for l in part:
         k = 0 if work.recompute else l
         np.matmul(work.S[k].transpose(0, 2, 1), work.P[l + 1, ..., :d], out=gb.U[:, l])
         np.matmul(work.D[k].transpose(0, 2, 1), work.Z[l], out=ts.G)  # [∂W ∂b]
@@ -302,19 +301,7 @@ def _gradient_layers(work: Workspace, layers: list[int], ts: _ThreadScratch) -> 
         gb.b[:, l] = ts.G[..., d]
 
 
-def _forward_task(work: Workspace, blocks: list[slice], ts: _ThreadScratch, act: Activation) -> None:
-    _forward_blocks(work, act, blocks, ts)
-
-
-def _adjoint_task(work: Workspace, blocks: list[slice], ts: _ThreadScratch, act: Activation, layers: range) -> None:
-    _adjoint_blocks(work, act, layers, blocks, ts)
-
-
-def _gradient_task(work: Workspace, part: list[int], ts: _ThreadScratch, layers: range) -> None:
-    _gradient_layers(work, part, ts)
-
-
-TASKS = {"forward": _forward_task, "adjoint": _adjoint_task, "gradient": _gradient_task}
+TASKS = {"forward": _forward_blocks, "adjoint": _adjoint_blocks, "gradient": _gradient_layers}
 """The passes ``Workspace.run`` splits, by name (a helper process is asked for them by name)."""
 
 

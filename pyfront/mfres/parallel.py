@@ -5,9 +5,9 @@ NumPy releases the GIL inside each call, but a step at the medium size makes abo
 call: measured on a 2-core AMD EPYC, two threads running the activation's passes on
 their own sample blocks took as long as one thread doing both. Processes share no GIL.
 A helper is a Python process (``serve``) that maps the workspace's arrays from one file
-in memory (``shared_arrays``) and runs its part of a pass on them when asked (one line each way per
-pass, on its stdin and stdout), the same function on the same part as a thread would
-run, so that the numbers do not depend on how many processes there are.
+in memory (``shared_arrays``) and runs its part of a pass on them when asked (one line
+each way per pass, on its stdin and stdout): the same function on the same part as the
+main process would run, so that the numbers do not depend on how many processes there are.
 
 A helper runs in its own session (a terminal's Ctrl-C reaches only the main process)
 and dies with it (``PR_SET_PDEATHSIG``, and end of its stdin). If a helper fails or
@@ -32,31 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .children import pdeathsig, popen, shm_dir
-
-ALIGN = 64
-
-Spec = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype name)
-
-
-def _offsets(spec: Spec) -> tuple[dict[str, int], int]:
-    offsets, size = {}, 0
-    for name, (shape, dt) in spec.items():
-        offsets[name] = size
-        size += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // ALIGN) * ALIGN
-    return offsets, max(size, 1)
-
-
-def map_arrays(source: int | str, spec: Spec) -> dict[str, np.ndarray]:
-    """The arrays of ``spec`` over one existing file (a descriptor or a path), 64-byte aligned, in order."""
-    offsets, size = _offsets(spec)
-    if isinstance(source, int):
-        with open(source, "r+b", closefd=False) as f:  # the mapping keeps a descriptor of its own
-            mm = np.memmap(f, dtype=np.uint8, mode="r+", shape=(size,))
-    else:
-        mm = np.memmap(source, dtype=np.uint8, mode="r+", shape=(size,))
-    return {name: np.ndarray(shape, np.dtype(dt), buffer=mm, offset=offsets[name])
-            for name, (shape, dt) in spec.items()}
+from .activations import Activation
+from .children import Spec, array_offsets, map_arrays, pdeathsig, popen, shm_dir
 
 
 def shared_arrays(spec: Spec) -> tuple[dict[str, np.ndarray], int | str]:
@@ -67,7 +44,7 @@ def shared_arrays(spec: Spec) -> tuple[dict[str, np.ndarray], int | str]:
 
     The file's blocks are allocated first: no room is then an OSError here, not a SIGBUS at the
     first write past the end."""
-    size = _offsets(spec)[1]
+    size = array_offsets(spec)[1]
     if hasattr(os, "memfd_create"):
         fd, source = os.memfd_create("mfres-numpy", os.MFD_CLOEXEC), None
     else:  # pragma: no cover - not Linux
@@ -104,7 +81,7 @@ def _encode(args: dict[str, Any]) -> dict[str, Any]:
     for k, v in args.items():
         if isinstance(v, range):
             out[k] = ["range", v.start, v.stop, v.step]
-        elif hasattr(v, "name") and hasattr(v, "eta"):  # an Activation
+        elif isinstance(v, Activation):
             out[k] = ["activation", v.name, v.eta]
         else:
             out[k] = v
@@ -112,8 +89,6 @@ def _encode(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decode(args: dict[str, Any]) -> dict[str, Any]:
-    from .activations import Activation
-
     out = {}
     for k, v in args.items():
         if isinstance(v, list) and v and v[0] == "range":
@@ -123,11 +98,6 @@ def _decode(args: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def _part(items: list, i: int, n: int) -> list:
-    """The i-th of n contiguous parts of ``items`` (the threads' and the helpers' split alike)."""
-    return items[len(items) * i // n: len(items) * (i + 1) // n]
 
 
 class Helpers:

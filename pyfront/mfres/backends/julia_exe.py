@@ -35,15 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from ..children import pdeathsig as _pdeathsig
-from ..children import popen as _popen
-from ..children import shm_dir
+from ..children import array_offsets, map_arrays, pdeathsig, popen, shm_dir
 from ..errors import BackendError
 from ..model import Particles
 from . import Problem, Trajectory, blas_environment, kernel_memory
 
 MIN_VERSION = (1, 5, 0)
-ALIGN = 64
 POLL_SECONDS = 0.2
 
 
@@ -119,20 +116,17 @@ class _Shared:
             "loss": ((nets, cap + 1), np.dtype(np.float64)), "norm": ((nets, cap + 1), np.dtype(np.float64)),
             "pred": ((nets, N), self.dtype),
         }
-        self.offsets: dict[str, int] = {}
-        size = 0
-        for name, (shape, dt) in shapes.items():
-            self.offsets[name] = size
-            size += -(-int(np.prod(shape)) * dt.itemsize // ALIGN) * ALIGN
+        self.offsets, size = array_offsets(shapes)
         fd, self.path = tempfile.mkstemp(prefix=f"mfres-{os.getpid()}-", suffix=".bin", dir=shm_dir())
-        os.close(fd)
         try:
-            self.mm = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(max(size, 1),))
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            self.arrays = map_arrays(self.path, shapes)
         except OSError as e:
             self.unlink()
             raise BackendError(f"cannot create the shared array file in {shm_dir()}: {e}") from None
-        self.arrays = {name: np.ndarray(shape, dt, buffer=self.mm, offset=self.offsets[name])
-                       for name, (shape, dt) in shapes.items()}
         self.sizes = (L, M, d, N)
         self.problem: Any = None  # the Problem whose data the file holds
 
@@ -204,9 +198,9 @@ class JuliaExeBackend:
         self._stderr = tempfile.TemporaryFile()
         t0 = time.perf_counter()
         try:
-            self.proc = _popen(args=argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                               env={**os.environ, **blas_environment()}, start_new_session=True,
-                               preexec_fn=_pdeathsig(), close_fds=True)
+            self.proc = popen(args=argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                              env={**os.environ, **blas_environment()}, start_new_session=True,
+                              preexec_fn=pdeathsig(), close_fds=True)
         except OSError as e:
             raise BackendError(f"cannot start Julia ({exe}): {e}") from None
         self.pid = self.proc.pid
