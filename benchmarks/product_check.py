@@ -59,9 +59,10 @@ def measure_size(key: str, julia: str | None, env: dict, repeats: int) -> None:
     backends = ["numpy", "julia"] if julia else ["numpy"]
     per: dict[str, list[float | None]] = {name: [] for name in ("jax", "numpy_alone", "julia_alone", *backends)}
     notes: dict[str, str] = {}
+    skipped: set[str] = set()  # unusable in the first repeat: not tried again
     for r in range(repeats):
         for backend in backends:
-            if backend in notes and notes[backend].startswith("skipped"):
+            if backend in skipped:
                 per[backend].append(None)
                 continue
             try:
@@ -74,6 +75,8 @@ def measure_size(key: str, julia: str | None, env: dict, repeats: int) -> None:
             except Skipped as e:
                 per[backend].append(None)
                 notes.setdefault(backend, f"skipped ({e})")
+                if r == 0:
+                    skipped.add(backend)
         alone = contender("numpy", key, "float64", "--threads", "2")
         per["numpy_alone"].append(alone["sec_per_step"] if alone else None)
         jk = julia_run(julia, 2, key, "float64", *KERNEL[key]) if julia and key in SIZES else None

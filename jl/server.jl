@@ -153,6 +153,7 @@ function warmup(words)
     T = eltype_of(words[1])
     act, eta = String(words[2]), parse(Float64, words[3])
     batch = length(words) >= 4 && words[4] == "batch"
+    warm_requests(T, act, eta)
     d, M, L, N = 2, 3, 2, 4
     U, W, b = fill(T(0.1), d, M, L), fill(T(-0.2), d, M, L), fill(T(0.05), M, L)
     X, y, a = fill(T(0.3), d, N), fill(T(0.5), N), fill(T(1), d)
@@ -163,7 +164,6 @@ function warmup(words)
         Base.invokelatest(MFRes.advance_nets, U2, W2, b2, X, y, a, 0.01, 1, act, eta, 0.0,
                           view(losses2, 1:2, :), view(norms2, 1:2, :); stop_nonfinite = false, memory = "store",
                           predictions = pred2, start = nothing)
-        warm_requests(T, words[2], words[3])
         return "ok"
     end
     losses, norms, pred = zeros(2, 1), zeros(2, 1), zeros(T, N, 1)
@@ -174,7 +174,6 @@ function warmup(words)
                           predictions = pred, start = start)
     end
     Base.invokelatest(MFRes.gradient, U, W, b, X, y, a, act, eta, 0.0)
-    warm_requests(T, words[2], words[3])
     return "ok"
 end
 
