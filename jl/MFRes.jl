@@ -19,6 +19,7 @@ export loss_and_grad, loss_and_grad!, gd!, Workspace, activation, loss
 
 include("activations.jl")
 include("workspace.jl")
+include("products.jl")
 include("kernels.jl")
 include("flow.jl")
 include("bridge.jl")

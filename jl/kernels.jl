@@ -4,7 +4,7 @@
 # - chunked (CPU `Array`s, `ws.threaded`): the samples are cut into fixed chunks
 #   (`chunk_size`, from N, M and d only). The forward pass takes a chunk through all L
 #   layers in one go (samples are independent), the adjoint does one layer at a time
-#   over all chunks: each chunk's products run on single-threaded BLAS while its
+#   over all chunks: each chunk's products (plain loops, products.jl) run while its
 #   activations are in cache, and its parameter-gradient sums go to a per-chunk
 #   buffer; the chunk sums are then added in chunk order (by particle blocks, in the
 #   next layer's parallel region). No sum over samples is ever split differently, so
@@ -102,6 +102,8 @@ function forward!(ws::Workspace{T}, U, W, b, X, σ::Activation) where {T}
     copyto!(view(ws.Z, :, :, 1), X)
     if ws.threaded
         serial_blas!()
+        transpose_layers!(ws.Wt, W)  # for this step's forward pass and adjoint
+        transpose_layers!(ws.Ut, U)
         nch = length(ws.chunks)
         in_parallel(ws, nch, N * M * d) do j, np
             for k in part(nch, j, np)
@@ -123,11 +125,11 @@ function forward_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, cols) where {
         ls = slot(ws, l)
         Zl = view(ws.Z, :, cols, l)
         Sl = view(ws.S, :, cols, ls)
-        mul!(Sl, transpose(view(W, :, :, l)), Zl)
+        mul_tall!(Sl, view(ws.Wt, :, :, l), Zl)
         activate!(ws.S, D, ls, b, l, σ, cols)
         Zn = view(ws.Z, :, cols, l + 1)
         copyto!(Zn, Zl)
-        mul!(Zn, view(U, :, :, l), Sl, c, one(T))
+        mul_short!(Zn, view(ws.Ut, :, :, l), Sl, c, one(T))
     end
     return nothing
 end
@@ -244,20 +246,20 @@ function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, cprev) 
     Zl = view(ws.Z, :, cols, l)
     ls = slot(ws, l)
     if ws.memory === :recompute  # the forward pass's product and activation, again
-        mul!(view(ws.S, :, cols, 1), transpose(view(W, :, :, l)), Zl)
+        mul_tall!(view(ws.S, :, cols, 1), view(ws.Wt, :, :, l), Zl)
         activate!(ws.S, derivative_from_value(σ) ? nothing : ws.D, 1, b, l, σ, cols)
     end
     Sl = view(ws.S, :, cols, ls)
     Tm = view(ws.Tm, :, cols)
-    mul!(Tm, transpose(view(U, :, :, l)), P)
+    mul_tall!(Tm, view(ws.Ut, :, :, l), P)
     if derivative_from_value(σ)
         scale_and_sum!(ws.Tm, ws.S, ls, ws.gbp, k, pb, σ, cols)
     else
         scale_and_sum!(ws.Tm, ws.D, ls, ws.gbp, k, pb, nothing, cols)
     end
-    mul!(view(ws.Pn, :, cols), view(W, :, :, l), Tm)
-    mul!(view(ws.gUp, :, :, k, pb), Sl, transpose(P))  # (Σ_i p sᵀ)ᵀ, see Workspace
-    mul!(view(ws.gWp, :, :, k, pb), Tm, transpose(Zl))
+    mul_short!(view(ws.Pn, :, cols), view(ws.Wt, :, :, l), Tm, one(T), zero(T))
+    mul_outer!(view(ws.gUp, :, :, k, pb), Sl, P)  # (Σ_i p sᵀ)ᵀ, see Workspace
+    mul_outer!(view(ws.gWp, :, :, k, pb), Tm, Zl)
     return nothing
 end
 

@@ -18,7 +18,8 @@ Buffers for one problem size and element type, allocated once and reused by
 Also held: the adjoint `P (d, N)` and its update `Pn`, the scratch `Tm (M, N)`, the
 residual `r (N,)`, the gradient `gU, gW (d, M, L)`, `gb (M, L)`, and per-chunk partial
 gradients (two layers' worth) for the chunked path, `gUp`, `gWp` transposed `(M, d, nchunks,
-2)`: BLAS forms S·Pᵀ 1.3–1.4× faster than P·Sᵀ at these shapes.
+2)`, and the layers' weights transposed, `Ut, Wt (M, d, L)`, for the chunked path's own
+products (products.jl).
 """
 mutable struct Workspace{T<:AbstractFloat,A3<:AbstractArray{T,3},A2<:AbstractArray{T,2},A1<:AbstractArray{T,1},
                          AP<:AbstractArray{Tuple{T,T},2}}
@@ -38,6 +39,8 @@ mutable struct Workspace{T<:AbstractFloat,A3<:AbstractArray{T,3},A2<:AbstractArr
     gWp::Array{T,4}
     gbp::Array{T,3}
     SD::AP
+    Ut::Array{T,3}
+    Wt::Array{T,3}
     threaded::Bool
     memory::Symbol
     parallel_regions::Int  # how many regions ran on several threads (for tests)
@@ -77,7 +80,8 @@ function Workspace(U::AbstractArray{T,3}, X::AbstractMatrix{T}; threaded::Bool =
                      similar(U, threaded ? 0 : M, threaded ? 0 : N), similar(U, M, N),
                      similar(U, d, N), similar(U, d, N), similar(U, N), similar(U), similar(U), similar(U, M, L),
                      chunks, Array{T}(undef, M, d, nch, 2), Array{T}(undef, M, d, nch, 2), Array{T}(undef, M, nch, 2),
-                     similar(U, Tuple{T,T}, 0, 0), threaded, memory, 0)
+                     similar(U, Tuple{T,T}, 0, 0), Array{T}(undef, M, d, threaded ? L : 0),
+                     Array{T}(undef, M, d, threaded ? L : 0), threaded, memory, 0)
 end
 
 """
