@@ -55,7 +55,7 @@ Samples per chunk of the chunked kernels, from the problem size only (never from
 thread count, so that the results are the same on any number of threads). Below the
 parallel threshold (N·M·d < `PARALLEL_WORK`, always run serially) one chunk, the
 fewest matrix-product calls; above it about N/4, so that up to 4 threads have work, at
-least 32 samples (smaller products run at a fraction of BLAS's rate); in both cases at
+least 32 samples (smaller chunks cost more per sample in the products); in both cases at
 most what keeps a chunk's `M × C` activations within 1 MiB of Float64.
 """
 function chunk_size(N::Integer, M::Integer, d::Integer)
