@@ -25,6 +25,14 @@ end
 # The operands are matrices or contiguous views of them (`view(A, :, cols, l)`), indexed
 # linearly: with 2-d indexing of such views the sums over m ran 1.6–2× slower.
 
+# Y[oy .+ (1:n)] += a X[ox .+ (1:n)]: the inner loop of `mul_tall!` and `mul_outer!`.
+@inline function axpy_at!(Y, oy, a, X, ox, n)
+    @inbounds @simd ivdep for m in 1:n
+        Y[oy + m] = muladd(X[ox + m], a, Y[oy + m])
+    end
+    return nothing
+end
+
 # Y = At Z, i.e. Y[:, i] = Σ_j At[:, j] Z[j, i]   (At: M × d; Y: M × C; Z: d × C).
 function mul_tall!(Y, At, Z)
     M, d = size(At, 1), size(At, 2)
@@ -36,11 +44,7 @@ function mul_tall!(Y, At, Z)
             Y[oy + m] = At[m] * z1
         end
         for j in 2:d
-            zj = Z[oz + j]
-            oa = M * (j - 1)
-            @simd ivdep for m in 1:M
-                Y[oy + m] = muladd(At[oa + m], zj, Y[oy + m])
-            end
+            axpy_at!(Y, oy, Z[oz + j], At, M * (j - 1), M)
         end
     end
     return Y
@@ -69,15 +73,8 @@ end
 function mul_outer!(G, X, Z)
     M, d = size(X, 1), size(Z, 1)
     fill!(G, zero(eltype(G)))
-    @inbounds for i in 1:size(X, 2)
-        ox = M * (i - 1)
-        for j in 1:d
-            zj = Z[d * (i - 1) + j]
-            og = M * (j - 1)
-            @simd ivdep for m in 1:M
-                G[og + m] = muladd(X[ox + m], zj, G[og + m])
-            end
-        end
+    @inbounds for i in 1:size(X, 2), j in 1:d
+        axpy_at!(G, M * (j - 1), Z[d * (i - 1) + j], X, M * (i - 1), M)
     end
     return G
 end
