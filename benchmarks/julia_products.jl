@@ -2,8 +2,8 @@
 # the same operands, at the chunk shapes of the benchmark sizes:
 #   julia --project=. benchmarks/julia_products.jl
 # Prints, per shape (M, d, C) and product, microseconds per call (the best of 5 timed
-# loops) for BLAS and for the loops (the z += c U s line includes resetting z), their ratio, and the largest difference of the
-# results (rounding only).
+# loops) for BLAS and for the loops (the z += c U s line includes resetting z), their
+# ratio, and the largest difference of the results (rounding only).
 using LinearAlgebra
 using Random
 include(joinpath(@__DIR__, "..", "jl", "MFRes.jl"))
@@ -31,8 +31,9 @@ end
 function main()
     BLAS.set_num_threads(1)
     rng = MersenneTwister(0)
-    # (M, d, C): small, default, medium, large (chunk_size of each)
-    for (M, d, C) in ((16, 4, 32), (64, 8, 128), (128, 8, 64), (512, 16, 256))
+    # (L, M, d, N) of the benchmark sizes small, default, medium, large; C is their chunk
+    for (_, M, d, N) in ((8, 16, 4, 32), (16, 64, 4, 64), (32, 128, 8, 256), (64, 512, 16, 1024))
+        C = MFRes.chunk_size(N, M, d)
         W = randn(rng, d, M)
         Wt = Matrix(transpose(W))
         Z, P = randn(rng, d, C), randn(rng, d, C)
