@@ -557,14 +557,17 @@ def test_exe_threads_from_option_or_the_users_julia_num_threads(julia: str, monk
         assert (jl.threads, jl.threads_from) == (os.cpu_count(), "all cores")
 
 
-def test_blas_kernels_chosen_for_an_avx2_cpu_reach_the_child(julia: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On an AVX2 CPU without AVX-512 the child's OpenBLAS runs its AVX2 kernels (an OpenBLAS older
-    than the CPU would fall back to SSE3 ones); the user's own OPENBLAS_CORETYPE wins."""
+def test_blas_kernels_chosen_for_the_cpu_reach_the_child(julia: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child's OpenBLAS runs its AVX2 kernels on an AVX2 CPU and its AVX-512 ones on a CPU with
+    Skylake-X's AVX-512 (an OpenBLAS older than the CPU would fall back to SSE3 ones); the user's
+    own OPENBLAS_CORETYPE wins."""
     from mfres.backends import blas_environment
 
     monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
     assert blas_environment({"avx2", "fma", "sse3"}) == {"OPENBLAS_CORETYPE": "Haswell"}
-    assert blas_environment({"avx2", "fma", "avx512f"}) == {}
+    skylakex = {"avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    assert blas_environment(skylakex) == {"OPENBLAS_CORETYPE": "SkylakeX"}
+    assert blas_environment({"avx2", "fma", "avx512f"}) == {"OPENBLAS_CORETYPE": "Haswell"}
     assert blas_environment({"sse3"}) == {}
     want = blas_environment().get("OPENBLAS_CORETYPE")
     with JuliaExeBackend(julia, threads=1) as jl:

@@ -140,20 +140,28 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+SKYLAKEX_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+"""The AVX-512 subsets of Intel Skylake-X, which OpenBLAS's "SkylakeX" kernels may use."""
+
+
 def blas_environment(flags: set[str] | None = None) -> dict[str, str]:
-    """``OPENBLAS_CORETYPE`` for a Julia about to start, where its OpenBLAS would choose badly.
+    """``OPENBLAS_CORETYPE`` for a Julia about to start, so that its OpenBLAS never falls back.
 
     OpenBLAS picks its kernels from the CPU model, and an OpenBLAS older than the CPU
-    (Julia 1.5's 0.3.9 on AMD Zen 3, for one) falls back to SSE3 ("Prescott") kernels,
-    3-6x slower than its AVX2 ones. On a CPU with AVX2 and FMA but no AVX-512 the AVX2
-    ("Haswell") kernels are what any OpenBLAS that knows the CPU would choose, so naming
-    them is never worse. Empty when the user has set ``OPENBLAS_CORETYPE`` or the CPU has
-    AVX-512 (left to OpenBLAS). Like any change of BLAS, it can change the last bits of E.
+    falls back to SSE3 ("Prescott") kernels, 3-6x slower than its AVX2 ones: Julia 1.5's
+    0.3.9 does so on AMD Zen 3 (AVX2) and on AMD Zen 4 (AVX-512). So mfres names the
+    kernels that any OpenBLAS knowing the CPU would choose for float64: "SkylakeX" where
+    the CPU has Skylake-X's AVX-512 subsets, else "Haswell" where it has AVX2 and FMA
+    (an OpenBLAS built without AVX-512 maps "SkylakeX" to "Haswell"). Empty when the user
+    has set ``OPENBLAS_CORETYPE`` or the CPU has neither. Like any change of BLAS, it can
+    change the last bits of E.
     """
     if os.environ.get("OPENBLAS_CORETYPE"):
         return {}
     flags = cpu_flags() if flags is None else flags
-    if {"avx2", "fma"} <= flags and "avx512f" not in flags:
+    if SKYLAKEX_FLAGS <= flags:
+        return {"OPENBLAS_CORETYPE": "SkylakeX"}
+    if {"avx2", "fma"} <= flags:
         return {"OPENBLAS_CORETYPE": "Haswell"}
     return {}
 
