@@ -91,9 +91,47 @@ def test_tanh_of_strided_and_other_dtypes() -> None:
     np.testing.assert_array_equal(activations.tanh(h), np.tanh(h))  # NumPy's own for other dtypes
 
 
+def test_tanh_choice_follows_the_cpu_and_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 uses mfres's tanh unless NumPy's is vectorised here; MFRES_TANH decides instead."""
+    f64 = np.dtype(np.float64)
+    monkeypatch.delenv(activations.TANH_VARIABLE, raising=False)
+    assert (f64 in activations.own_tanh_dtypes()) == (not activations.numpy_tanh_vectorised())
+    for choice, own in (("own", True), ("numpy", False), (" Own ", True)):
+        monkeypatch.setenv(activations.TANH_VARIABLE, choice)
+        assert (f64 in activations.own_tanh_dtypes()) == own
+    monkeypatch.setenv(activations.TANH_VARIABLE, "fast")
+    with pytest.warns(UserWarning, match="MFRES_TANH must be own or numpy, not 'fast'"):
+        chosen = activations.own_tanh_dtypes()
+    assert (f64 in chosen) == (not activations.numpy_tanh_vectorised())
+    assert np.dtype(np.float32) not in chosen
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_numpy_step_agrees_with_either_tanh(own: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step with mfres's tanh and with NumPy's: the same numbers to rounding, and each one
+    the tanh it says it uses."""
+    chosen = frozenset({np.dtype(np.float64)}) if own else frozenset()
+    monkeypatch.setattr(activations, "OWN_TANH", chosen)
+    q = np.random.default_rng(6).standard_normal((2, 3, 500)) * 3
+    s, ds = np.empty_like(q), np.empty_like(q)
+    activations.value_and_derivative(activations.parse("tanh"), q.copy(), s, ds)
+    np.testing.assert_array_equal(s, activations.tanh(q) if own else np.tanh(q))
+    theta, p = setup(4, 16, 3, 40)
+    E, grad = model.loss_and_grad(theta, p.x, p.y, p.a, p.activation)
+    monkeypatch.setattr(activations, "OWN_TANH", frozenset({np.dtype(np.float64)}) - chosen)
+    E2, grad2 = model.loss_and_grad(theta, p.x, p.y, p.a, p.activation)
+    pairs = [(getattr(grad, v), getattr(grad2, v)) for v in "UWb"]
+    assert E != E2 or any(np.any(g != g2) for g, g2 in pairs)  # the other tanh ran
+    assert E == pytest.approx(E2, rel=1e-14)
+    for g, g2 in pairs:
+        np.testing.assert_allclose(g, g2, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("own", [True, False])
 @pytest.mark.parametrize("name", ["tanh", "sigmoid", "gelu"])
-def test_blocked_activation_equals_one_block(name: str) -> None:
-    """Chunking (and the scratch reuse between chunks) changes no number."""
+def test_blocked_activation_equals_one_block(name: str, own: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunking (and the scratch reuse between chunks) changes no number, with either tanh."""
+    monkeypatch.setattr(activations, "OWN_TANH", frozenset({np.dtype(np.float64)}) if own else frozenset())
     act = activations.parse(name)
     q = np.random.default_rng(5).standard_normal((3, 7, 1111)) * 3
     outs = []
@@ -105,7 +143,7 @@ def test_blocked_activation_equals_one_block(name: str) -> None:
         np.testing.assert_array_equal(s, outs[0][0])
         np.testing.assert_array_equal(ds, outs[0][1])
     if name == "tanh":
-        np.testing.assert_array_equal(outs[0][0], activations.tanh(q))
+        np.testing.assert_array_equal(outs[0][0], activations.tanh(q) if own else np.tanh(q))
         np.testing.assert_array_equal(outs[0][1], 1 - outs[0][0] ** 2)
 
 

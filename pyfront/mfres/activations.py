@@ -13,17 +13,20 @@ The formulas are the ones every backend implements (``jl/activations.jl``):
 - ``relu2(u) = max(u, 0)²``.
 
 In float64, tanh (and so sigmoid and gelu) is mfres's own (``tanh``), built from
-additions, products, one division and a table look-up: NumPy's float64 ``np.tanh`` is
-vectorised only on CPUs with AVX-512 and costs 15–20 ns per element elsewhere, more
-than a layer's matrix work. It is within 3 ulp of the exact tanh (measured:
-``benchmarks/tanh_accuracy.py``), odd, ±0 at ±0, ±1 beyond |u| = 20, NaN for NaN
-(a float32 version exists, within 3 ulp, but NumPy's float32 tanh is faster; see
-``OWN_TANH``). The passes run on blocks of ``CHUNK`` elements held in per-thread
+additions, products, one division and a table look-up, except where NumPy's is faster:
+NumPy's float64 ``np.tanh`` is vectorised only on CPUs with AVX-512 (2 ns per element
+there) and costs 15–20 ns per element elsewhere, more than a layer's matrix work
+(``OWN_TANH``; ``MFRES_TANH=own|numpy`` overrides the choice). mfres's tanh is within
+3 ulp of the exact tanh (measured: ``benchmarks/tanh_accuracy.py``), odd, ±0 at ±0, ±1
+beyond |u| = 20, NaN for NaN (a float32 version exists, within 3 ulp, but NumPy's float32
+tanh is faster). The passes run on blocks of ``CHUNK`` elements held in per-thread
 scratch buffers (``Scratch``), so that the intermediate arrays stay in the core's cache.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,9 +124,40 @@ _TANH = {
     np.dtype(np.float32): _tanh_constants(np.float32, 10, 23, np.int32),
 }
 _ONE = {dt: np.array(1, dt) for dt in _TANH}
-OWN_TANH = frozenset({np.dtype(np.float64)})
-"""The dtypes whose activations use mfres's tanh. Not float32: NumPy vectorises its float32
-tanh with AVX2 too (4 ns per element with σ', against 6–7 for this one, measured on AMD EPYC)."""
+TANH_VARIABLE = "MFRES_TANH"
+
+
+def numpy_tanh_vectorised() -> bool:
+    """Whether NumPy runs its float64 tanh with SIMD on this CPU: only in its AVX-512
+    (Skylake-X subsets) code, 2 ns per element against 15–20 without it."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    return bool(features.get("AVX512_SKX"))
+
+
+def own_tanh_dtypes() -> frozenset:
+    """The dtypes whose activations use mfres's tanh: float64 unless NumPy's is vectorised here
+    (``MFRES_TANH=own`` or ``numpy`` decides instead). Never float32: NumPy vectorises its
+    float32 tanh with AVX2 too (4 ns per element with σ', against 6–7 for this one)."""
+    choice = os.environ.get(TANH_VARIABLE, "").strip().lower()
+    if choice not in ("", "own", "numpy"):
+        warnings.warn(f"{TANH_VARIABLE} must be own or numpy, not {choice!r}; choosing by the CPU", stacklevel=2)
+        choice = ""
+    own = choice == "own" or (choice == "" and not numpy_tanh_vectorised())
+    return frozenset({np.dtype(np.float64)}) if own else frozenset()
+
+
+OWN_TANH = own_tanh_dtypes()
+"""The dtypes whose activations use mfres's tanh here (``own_tanh_dtypes``)."""
+
+
+def tanh_in_use() -> str:
+    """Which float64 tanh the activations use here, in words."""
+    if np.dtype(np.float64) in OWN_TANH:
+        return "float64 tanh: mfres's own"
+    return "float64 tanh: NumPy's (vectorised with AVX-512 here)"
 # the clip ufunc itself: np.clip's Python checks cost ~5 µs a call, as much as the pass on a block
 try:
     from numpy._core.umath import clip as _clip  # NumPy ≥ 2

@@ -12,10 +12,12 @@ from . import __version__
 
 def backend_report() -> str:
     """Which backends can run here, without starting Julia."""
+    from .activations import tanh_in_use
     from .backends import describe
     from .backends import julia_backend as jb
 
-    lines = [f"mfres {__version__}", f"numpy backend: available (NumPy {np.__version__}, {os.cpu_count()} cores)"]
+    lines = [f"mfres {__version__}",
+             f"numpy backend: available (NumPy {np.__version__}, {os.cpu_count()} cores; {tanh_in_use()})"]
     has_juliacall = importlib.util.find_spec("juliacall") is not None
     found = jb.find_julia()
     if found:
