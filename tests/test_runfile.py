@@ -416,32 +416,28 @@ def test_run_says_where_its_time_went(tmp_path: Path) -> None:
     assert len(line) == 1 and "s stepping in the backend" in line[0] and "% of the stepping" in line[0]
 
 
-def test_durable_points_are_written_while_a_child_process_steps(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the backend ``overlaps`` (the executable transport), each durable point is written
-    while the next chunk runs: it holds the state of the step it names (that of an independent
-    NumPy run to that step, bit for bit), the file equals a plain NumPy run's, and the run's
-    time split counts the hidden writing as stepping."""
+def overlapping_backend(delay: float = 0.06):  # type: ignore[no-untyped-def]
+    """A NumPy backend that ``overlaps`` like the executable transport: each chunk runs in a thread
+    that first sleeps ``delay`` s (longer than the writing of a tiny run); ``spans`` records each
+    chunk's (begin, end, seconds in the "child")."""
     import threading
     import time
 
-    from mfres.backends import Problem
     from mfres.backends.numpy_backend import NumpyBackend
-    from mfres.config import RunConfig
-    from mfres.store import writer as writer_mod
-    from mfres.train import prepare, run
-
-    spans: list[tuple[float, float, float]] = []  # (begin, end, seconds in the "child")
 
     class Overlapping(NumpyBackend):
         overlaps, kernel_seconds = True, 0.0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.spans: list[tuple[float, float, float]] = []
 
         def begin_advance(self, theta, problem, ds, n):  # type: ignore[no-untyped-def]
             box: dict = {}
             t0 = time.perf_counter()
 
             def child() -> None:
-                time.sleep(0.06)  # longer than a durable point of this tiny run
+                time.sleep(delay)
                 box["traj"] = NumpyBackend.advance(self, theta, problem, ds, n)
 
             worker = threading.Thread(target=child)
@@ -450,10 +446,30 @@ def test_durable_points_are_written_while_a_child_process_steps(tmp_path: Path,
             def finish():  # type: ignore[no-untyped-def]
                 worker.join()
                 self.kernel_seconds = time.perf_counter() - t0
-                spans.append((t0, time.perf_counter(), self.kernel_seconds))
+                self.spans.append((t0, time.perf_counter(), self.kernel_seconds))
                 return box["traj"]
 
             return finish
+
+    return Overlapping()
+
+
+def test_durable_points_are_written_while_a_child_process_steps(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the backend ``overlaps`` (the executable transport), each durable point is written
+    while the next chunk runs: it holds the state of the step it names (that of an independent
+    NumPy run to that step, bit for bit), the file equals a plain NumPy run's, and the run's
+    time split counts the hidden writing as stepping."""
+    import time
+
+    from mfres.backends import Problem
+    from mfres.backends.numpy_backend import NumpyBackend
+    from mfres.config import RunConfig
+    from mfres.store import writer as writer_mod
+    from mfres.train import prepare, run
+
+    backend = overlapping_backend()
+    spans = backend.spans
 
     commits: list[tuple[int, mfres.model.Particles, float, float]] = []
     plain_commit = writer_mod.RunWriter.commit
@@ -467,7 +483,7 @@ def test_durable_points_are_written_while_a_child_process_steps(tmp_path: Path,
     monkeypatch.setattr(writer_mod, "DURABLE_SECONDS", 0.0)  # a durable point at every chunk boundary
     monkeypatch.setattr(writer_mod.RunWriter, "commit", recording_commit)
     config = RunConfig(depth=3, width=6, dim=2, samples=8, steps=12, snapshot_every=3, ds=0.5, backend="numpy")
-    t = run(config, str(tmp_path / "o.nc"), backend=Overlapping(), warn=False).timing
+    t = run(config, str(tmp_path / "o.nc"), backend=backend, warn=False).timing
     assert len(commits) >= 4 and commits[0][0] == 1  # the first chunk (one step) is too short to hide one
     for step, _, c0, c1 in commits:  # each one inside a chunk's span
         assert any(b0 <= c0 and c1 <= b1 for b0, b1, _ in spans), step
@@ -484,3 +500,98 @@ def test_durable_points_are_written_while_a_child_process_steps(tmp_path: Path,
             np.testing.assert_array_equal(o[name].values, p[name].values, err_msg=name)
     # the writing was hidden: stepping is the chunks' whole spans, not their spans less the writing
     assert t.backend >= 0.999 * sum(k for _, _, k in spans)
+
+
+def _dataset_equal(a: Path, b: Path) -> None:
+    """Two run files hold the same dimensions, variables (bit for bit) and run attributes."""
+    with xr.open_dataset(a) as x, xr.open_dataset(b) as y:
+        assert dict(x.sizes) == dict(y.sizes)
+        assert set(x.variables) == set(y.variables)
+        for name in x.variables:
+            np.testing.assert_array_equal(x[name].values, y[name].values, err_msg=name)
+        for k in ("status", "status_message", "steps_done", "state_step", "rise_count", "max_rise",
+                  "energy_residual"):
+            assert str(x.attrs.get(k)) == str(y.attrs.get(k)), k
+
+
+def test_final_file_is_drafted_while_the_last_chunk_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the backend overlaps, the final file is written ahead, during the last chunk, and the end of
+    the run only adds that chunk's rows: the file equals a plain NumPy run's, and nothing is left
+    beside it."""
+    import time
+
+    from mfres.backends.numpy_backend import NumpyBackend
+    from mfres.config import RunConfig
+    from mfres.store import writer as writer_mod
+    from mfres.train import run
+
+    drafts: list[tuple[float, float, bool]] = []
+    completed: list[bool] = []
+    plain_draft, plain_complete = writer_mod.RunWriter.draft_finish, writer_mod.RunWriter._complete_draft
+
+    def recording_draft(self, steps, snapshots):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        plain_draft(self, steps, snapshots)
+        drafts.append((t0, time.perf_counter(), self._draft is not None))
+
+    def recording_complete(self, arrays, step):  # type: ignore[no-untyped-def]
+        completed.append(plain_complete(self, arrays, step))
+        return completed[-1]
+
+    monkeypatch.setattr(writer_mod.RunWriter, "draft_finish", recording_draft)
+    monkeypatch.setattr(writer_mod.RunWriter, "_complete_draft", recording_complete)
+    monkeypatch.setattr(writer_mod, "DURABLE_SECONDS", 0.0)
+    config = RunConfig(depth=3, width=6, dim=2, samples=8, steps=12, snapshot_every=3, ds=0.5, backend="numpy")
+    backend = overlapping_backend()
+    run(config, str(tmp_path / "o.nc"), backend=backend, warn=False)
+    assert len(drafts) == 1 and drafts[0][2]  # written, once
+    b0, b1, _ = backend.spans[-1]
+    assert b0 <= drafts[0][0] and drafts[0][1] <= b1  # inside the last chunk
+    assert completed == [True]
+    run(config, str(tmp_path / "p.nc"), backend=NumpyBackend(), warn=False)
+    assert drafts[1:] == []  # a backend that does not overlap writes no draft
+    _dataset_equal(tmp_path / "o.nc", tmp_path / "p.nc")
+    assert os.listdir(tmp_path / ".o.nc.mfres") == ["lock"]
+
+
+@pytest.mark.parametrize("end", ["fewer steps", "closed"])
+def test_a_draft_that_does_not_fit_is_dropped(tmp_path: Path, end: str) -> None:
+    """A draft sized for more steps than the run made (a divergence in the last chunk) is dropped and
+    the file written as without one; a writer closed with a draft (a crash) leaves the published
+    file as it was and no temporary file."""
+    from mfres.store.writer import RunWriter
+    from mfres.train import prepare
+
+    config = mfres.config.RunConfig(depth=3, width=6, dim=2, samples=8, steps=12, snapshot_every=3, ds=0.5,
+                                    backend="numpy")
+    data, theta, _ = prepare(config)
+    rng = np.random.default_rng(0)
+    loss, gn = rng.random(13), rng.random(13)
+    outs = []
+    for name, draft in (("a.nc", True), ("b.nc", False)):
+        w = RunWriter(str(tmp_path / name), config, data, "numpy")
+        w.write_steps(0, loss[:7], gn[:7])
+        for k in (0, 3, 6):
+            w.write_snapshot(k, theta, np.full(8, k, float))
+        w.commit(6, theta)
+        w.write_steps(7, loss[7:10], gn[7:10])
+        w.write_snapshot(9, theta, np.full(8, 9.0))
+        if draft:
+            w.draft_finish(3, 1)
+            assert w._draft is not None and len(os.listdir(tmp_path / f".{name}.mfres")) == 2
+        if end == "closed":
+            w.close()
+            outs.append(tmp_path / name)
+            continue
+        w.write_steps(10, loss[10:12], gn[10:12])  # two of the three steps
+        w.write_snapshot(11, theta, np.full(8, 11.0))
+        w.finish("diverged", "diverged at step 12", 11, theta)
+        w.close()
+        outs.append(tmp_path / name)
+        assert os.listdir(tmp_path / f".{name}.mfres") == ["lock"]
+    _dataset_equal(*outs)
+    with xr.open_dataset(outs[0]) as ds:
+        assert ds.sizes["step"] == (7 if end == "closed" else 12)
+        np.testing.assert_array_equal(ds["loss"].values, loss[:ds.sizes["step"]])
+    if end == "closed":
+        assert [n for n in os.listdir(tmp_path / ".a.nc.mfres") if "publish" in n] == []

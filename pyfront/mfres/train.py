@@ -10,7 +10,6 @@ on SIGINT/SIGTERM (after the current chunk) or on a storage error.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 import threading
@@ -244,6 +243,21 @@ def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem, 
     writer.write_snapshot(step, theta, pred)
 
 
+def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, last: int) -> Callable[[], None] | None:
+    """What the writer does while the backend runs the next chunk: the durable point at ``step``
+    (``commit``), then, before the run's ``last`` steps (0: not the last chunk), the draft of the
+    final file, which leaves only those steps and the last snapshot to the end of the run."""
+    if not commit and not last:
+        return None
+
+    def work() -> None:
+        if commit:
+            writer.commit(step, theta)
+        if last:
+            writer.draft_finish(last, 1)
+    return work
+
+
 def _again(command: str) -> str:
     if not command.startswith("mfres "):
         return "run again with resume=True"
@@ -282,7 +296,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         n = min(chunk, steps - step, every - step % every)
         start_theta = theta.copy()
         now = owed and (rate > 0 or not backend.overlaps)
-        meanwhile = functools.partial(writer.commit, step, start_theta) if now else None
+        meanwhile = _meanwhile(writer, step, start_theta, now, n if backend.overlaps and step + n == steps else 0)
         try:
             traj, elapsed = clock.chunk(backend, theta, problem, config.ds, n, meanwhile)
         except BaseException:

@@ -137,6 +137,8 @@ class RunWriter:
         self._grid: int | None = None  # at the next publish, keep only snapshots on this step grid
         self._last = self._published_at = time.monotonic()
         self._cost = 0.0
+        self._draft: dict[str, Any] | None = None  # the final file, written ahead (draft_finish)
+        self._draft_files: dict[str, Any] | None = None  # a draft's open files, until it is published
         self._open(overwrite, resume)
 
     # -- opening -----------------------------------------------------------------------
@@ -303,7 +305,9 @@ class RunWriter:
         """A durable point at ``step`` (the last step written) with the full state ``theta``."""
         t0 = time.monotonic()
         arrays = self._payload(step, theta)
-        if publish or not self.published:
+        if publish and self._complete_draft(arrays, step):
+            self._clear(step)
+        elif publish or not self.published:
             self._publish(arrays, step)
             self._clear(step)
         else:
@@ -376,10 +380,53 @@ class RunWriter:
 
     def _publish(self, arrays: dict[str, Any] | None, step: int) -> None:
         """Write published + pending segments + ``arrays`` as a new file and rename it over the published one."""
+        self._discard_draft()
+        draft = self._start_draft([arrays] if arrays is not None else [], 0, 0)
+        self._finish_draft(draft, [], step)
+
+    def draft_finish(self, steps: int, snapshots: int) -> None:
+        """Write the final file, as far as it is known now, under its temporary name and fsync it: meant to
+        run while the backend computes the run's last ``steps`` steps and ``snapshots`` snapshots, so that
+        ``finish`` has only their rows to add (the file is published then as by any publish). Optional: a
+        draft that cannot be written, or that ``finish`` finds does not fit, is dropped."""
+        self._discard_draft()
+        if not self.published or self._grid is not None:
+            return
+        try:
+            arrays = self._payload(self.steps_written, None)
+            draft = self._start_draft([arrays], steps, snapshots)
+            draft["memory"] = (len(arrays["loss"]), len(self._snaps))
+            draft["nc"].sync()
+            os.fsync(draft["fd"])
+        except (StorageError, OSError, RuntimeError, ValueError):
+            self._discard_draft()
+            return
+        self._draft = draft
+
+    def _complete_draft(self, arrays: dict[str, Any], step: int) -> bool:
+        """Publish through the draft (``draft_finish``) if it holds everything but ``arrays``' last rows."""
+        draft, self._draft = self._draft, None
+        if draft is None:
+            return False
+        n_mem, k_mem = draft["memory"]
+        tail = {k: v[n_mem:] if k in STEP_DATA else v[k_mem:] if k in SNAPSHOT_DATA else v
+                for k, v in arrays.items()}
+        fits = (self.seq == draft["seq"] and len(tail["loss"]) == draft["n"] - draft["n_at"]
+                and len(tail["snapshot_step"]) == draft["k"] - draft["k_at"])
+        if not fits:
+            self._draft = draft
+            self._discard_draft()
+            return False
+        self._finish_draft(draft, [tail], step)
+        return True
+
+    def _start_draft(self, memory: list[dict[str, Any]], steps: int, snapshots: int) -> dict[str, Any]:
+        """Open a new file under a temporary name and write published + pending segments + ``memory``
+        into it, sized for ``steps`` and ``snapshots`` more rows (``_finish_draft`` adds them)."""
         tmp = f".publish.{os.getpid()}.tmp.nc"
         tmp_path = layout.hdf5_dir_name(self.side, self.sidefd, tmp)
         segments = [layout.read_segment(self.side, n) for _, n, _ in self.pending]
-        parts = [*segments, *([arrays] if arrays is not None else [])]
+        parts = [*segments, *memory]
         nbytes = self.published_bytes + sum(sum(np.asarray(a).nbytes for k, a in p.items() if k != "meta")
                                             for p in parts)
         self._check_space("the run file", nbytes)
@@ -389,30 +436,47 @@ class RunWriter:
                     keep = np.flatnonzero(np.asarray(p["snapshot_step"]) % self._grid == 0)
                     for k in SNAPSHOT_DATA:
                         p[k] = p[k][keep]
-        old = None
+        draft: dict[str, Any] = {"tmp": tmp, "seq": self.seq, "fd": -1, "nc": None}
+        self._draft_files = draft  # for _discard_draft, until the draft is complete or dropped
         try:
             with contextlib.ExitStack() as stack:
+                old = None
                 if self.published:
                     name = stack.enter_context(layout.hdf5_name(self.path))
                     old = stack.enter_context(netCDF4.Dataset(name))
                     old.set_auto_mask(False)
-                nc = stack.enter_context(netCDF4.Dataset(tmp_path, "w", format="NETCDF4"))
-                self._write_file(nc, old, parts, step)
-            fd = os.open(tmp, os.O_RDONLY, dir_fd=self.sidefd)
-            try:
-                os.fsync(fd)
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.name, src_dir_fd=self.sidefd, dst_dir_fd=self.dirfd)
+                draft["nc"] = netCDF4.Dataset(tmp_path, "w", format="NETCDF4")
+                draft["fd"] = os.open(tmp, os.O_RDONLY, dir_fd=self.sidefd)
+                draft.update(self._write_file(draft["nc"], old, parts, steps, snapshots))
+        except (OSError, RuntimeError) as e:
+            self._discard_draft()
+            raise self._storage_error("the run file", e) from None
+        except BaseException:
+            self._discard_draft()
+            raise
+        del segments, parts
+        return draft
+
+    def _finish_draft(self, draft: dict[str, Any], tail: list[dict[str, Any]], step: int) -> None:
+        """Add ``tail``'s rows to the draft, close and fsync it, rename it over the published file."""
+        try:
+            self._write_rest(draft, tail, step)
+            nc, draft["nc"] = draft["nc"], None
+            nc.close()
+            os.fsync(draft["fd"])
+            size = os.fstat(draft["fd"]).st_size
+            os.replace(draft["tmp"], self.name, src_dir_fd=self.sidefd, dst_dir_fd=self.dirfd)
             _fsync_dir(self.dirfd)
         except (OSError, RuntimeError) as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=self.sidefd)
+            self._discard_draft()
             raise self._storage_error("the run file", e) from None
+        except BaseException:
+            self._discard_draft()
+            raise
+        os.close(draft["fd"])
+        self._draft_files = None
         self.published, self.published_bytes, self.pending = True, size, []
         self._published_at = time.monotonic()
-        del segments, parts
         _give_back_memory()
         self._grid = None
         # every segment now is either absorbed or stale (older runs, abandoned temporaries)
@@ -421,7 +485,25 @@ class RunWriter:
                 with contextlib.suppress(OSError):
                     os.unlink(n, dir_fd=self.sidefd)
 
-    def _write_file(self, nc: Any, old: Any, parts: list[dict[str, Any]], step: int) -> None:
+    def _discard_draft(self) -> None:
+        """Close and remove an unfinished draft, if any (the published file is untouched)."""
+        self._draft = None
+        draft, self._draft_files = self._draft_files, None
+        if draft is None:
+            return
+        if draft["nc"] is not None:
+            with contextlib.suppress(Exception):
+                draft["nc"].close()
+        if draft["fd"] >= 0:
+            with contextlib.suppress(OSError):
+                os.close(draft["fd"])
+        with contextlib.suppress(OSError):
+            os.unlink(draft["tmp"], dir_fd=self.sidefd)
+
+    def _write_file(self, nc: Any, old: Any, parts: list[dict[str, Any]], steps: int, snapshots: int
+                    ) -> dict[str, Any]:
+        """Create the variables for ``old`` + ``parts`` + ``steps`` and ``snapshots`` more rows and write
+        ``old`` and ``parts`` into them; returns where the rows still to come go (``_write_rest``)."""
         config, data = self.config, self.data
         L, M, K, d, N = config.depth, config.width, len(self.subset), data.d, data.N
         old_keep = None
@@ -432,8 +514,9 @@ class RunWriter:
             old_keep = np.flatnonzero(old_steps % self._grid == 0 if self._grid else old_steps >= 0)
             k_old = len(old_keep)
         parts = [p for p in parts if "loss" in p]  # status records carry no data
-        n = n_old + sum(len(p["loss"]) for p in parts)
-        k = k_old + sum(len(p["snapshot_step"]) for p in parts)
+        n_at = n_old + sum(len(p["loss"]) for p in parts)
+        k_at = k_old + sum(len(p["snapshot_step"]) for p in parts)
+        n, k = n_at + steps, k_at + snapshots
         for dim, size in (("step", n), ("snapshot", k), ("layer", L), ("particle", K), ("dim", d),
                           ("sample", N), ("state_particle", M)):
             nc.createDimension(dim, size)
@@ -446,11 +529,12 @@ class RunWriter:
         series = {}
         for name in STEP_DATA:
             a = [np.asarray(old[name][...], dtype=np.float64)] if old is not None else []
-            series[name] = np.concatenate(a + [np.asarray(p[name], dtype=np.float64) for p in parts])
-            out[name][:] = series[name]
-        steps = np.arange(n, dtype=np.int64)
-        out["step"][:] = steps
-        out["s"][:] = steps * config.ds
+            series[name] = a + [np.asarray(p[name], dtype=np.float64) for p in parts]
+            if n_at:
+                out[name][:n_at] = np.concatenate(series[name])
+        steps_index = np.arange(n, dtype=np.int64)
+        out["step"][:] = steps_index
+        out["s"][:] = steps_index * config.ds
         # per snapshot, in blocks
         snap_steps = []
         for name in SNAPSHOT_DATA:
@@ -471,9 +555,7 @@ class RunWriter:
                     if name == "snapshot_step":
                         snap_steps.append(np.asarray(a, dtype=np.int64))
                     pos += len(a)
-        all_snap = np.concatenate(snap_steps) if snap_steps else np.empty(0, np.int64)
         out["snapshot"][:] = np.arange(k, dtype=np.int64)
-        out["snapshot_s"][:] = all_snap * config.ds
         out["layer"][:] = np.arange(L, dtype=np.int64)
         out["t"][:] = np.arange(L) / L
         out["particle_index"][:] = self.subset
@@ -484,14 +566,47 @@ class RunWriter:
         for p in parts:
             if "state_U" in p:
                 state = p
-        for name in STATE_DATA:
-            out[name][:] = state[name] if state is not None else old[name][...]
-        figures = health.summary(series["loss"], series["grad_norm"], config.ds)
+        if state is not None or old is not None:
+            for name in STATE_DATA:
+                out[name][:] = state[name] if state is not None else old[name][...]
+        return {"out": out, "series": series, "snap_steps": snap_steps, "n_at": n_at, "k_at": k_at, "n": n, "k": k}
+
+    def _write_rest(self, draft: dict[str, Any], tail: list[dict[str, Any]], step: int) -> None:
+        """Write ``tail``'s rows, the state and the global attributes into the draft of ``_write_file``."""
+        out, series, snap_steps = draft["out"], draft["series"], draft["snap_steps"]
+        pos = draft["n_at"]
+        for p in tail:
+            m = len(p["loss"])
+            for name in STEP_DATA:
+                a = np.asarray(p[name], dtype=np.float64)
+                out[name][pos:pos + m] = a
+                series[name].append(a)
+            pos += m
+        kpos = draft["k_at"]
+        for p in tail:
+            m = len(p["snapshot_step"])
+            if m:
+                for name in SNAPSHOT_DATA:
+                    out[name][kpos:kpos + m] = p[name]
+                snap_steps.append(np.asarray(p["snapshot_step"], dtype=np.int64))
+            kpos += m
+        if (pos, kpos) != (draft["n"], draft["k"]):
+            raise ValueError(f"the file was sized for {draft['n']} steps and {draft['k']} snapshots, "
+                             f"not {pos} and {kpos}")
+        for p in tail:
+            if "state_U" in p:
+                for name in STATE_DATA:
+                    out[name][:] = p[name]
+        all_snap = np.concatenate(snap_steps) if snap_steps else np.empty(0, np.int64)
+        out["snapshot_s"][:] = all_snap * self.config.ds
+        loss = np.concatenate(series["loss"]) if series["loss"] else np.empty(0)
+        gn = np.concatenate(series["grad_norm"]) if series["grad_norm"] else np.empty(0)
+        figures = health.summary(loss, gn, self.config.ds)
         self.attrs.update(steps_done=step, state_step=step, segment_seq=self.seq,
                           rise_count=int(figures["rise_count"]), max_rise=float(figures["max_rise"]),
                           energy_residual=float(figures["energy_residual"]))
-        nc.setncatts({k: attr_value(v) for k, v in self.attrs.items()})
-        self.n_steps = n
+        draft["nc"].setncatts({k: attr_value(v) for k, v in self.attrs.items()})
+        self.n_steps = draft["n"]
 
     # -- ending --------------------------------------------------------------------------
     def finish(self, status: str, message: str, step: int, theta: Particles) -> None:
@@ -508,6 +623,8 @@ class RunWriter:
             self._write_segment({}, self.tip, has_state=False)
 
     def close(self) -> None:
+        if self.sidefd >= 0:
+            self._discard_draft()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
