@@ -1,6 +1,6 @@
 # The Julia side of the executable transport (pyfront/mfres/backends/julia_exe.py):
 #
-#     julia [-t N] --startup-file=no jl/server.jl
+#     julia [-t N] [-C CPU] --startup-file=no jl/server.jl
 #
 # One request per line on stdin, one response per line on stdout:
 #   "ok <words...>" or "error <Julia's message on one line>". Arrays never cross the
@@ -26,7 +26,8 @@
 #   gradient ACT ETA WD     E and ∇E of net 1 into gU, gW, gb; "ok E"
 #   device cpu|cuda         where the kernels run (cuda needs CUDA.jl for this Julia)
 #   close                   "ok bye", then exit
-# The first line is "ready VERSION THREADS BLAS" (BLAS: OpenBLAS's kernel set, or "unknown").
+# The first line is "ready VERSION THREADS BLAS TARGET" (BLAS: OpenBLAS's kernel set, or
+# "unknown"; TARGET: the code generator's CPU, the -C option given or "native").
 # The server exits at end of input, so it never outlives the pipe from its parent.
 
 include(joinpath(@__DIR__, "MFRes.jl"))
@@ -241,6 +242,12 @@ function blas_core()
     return "unknown"
 end
 
+# The code generator's target: the -C option given ("haswell", ...), or "native".
+function cpu_target()
+    target = Base.JLOptions().cpu_target
+    return target == C_NULL ? "native" : unsafe_string(target)
+end
+
 one_line(s) = replace(strip(s), r"\s*\n\s*" => " | ")
 
 function respond(out::IO, line::AbstractString)
@@ -249,7 +256,7 @@ function respond(out::IO, line::AbstractString)
 end
 
 function serve(input::IO = stdin, out::IO = stdout)
-    respond(out, "ready $(VERSION) $(Threads.nthreads()) $(blas_core())")
+    respond(out, "ready $(VERSION) $(Threads.nthreads()) $(blas_core()) $(cpu_target())")
     while !eof(input)
         words = split(readline(input))
         isempty(words) && continue

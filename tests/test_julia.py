@@ -578,3 +578,37 @@ def test_blas_kernels_chosen_for_the_cpu_reach_the_child(julia: str, monkeypatch
     assert blas_environment({"avx2", "fma"}) == {}
     with JuliaExeBackend(julia, threads=1) as jl:
         assert jl.blas == "Sandybridge"
+
+
+def test_a_julia_that_does_not_know_the_cpu_gets_a_named_target(julia: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where Julia takes the CPU for "generic", its code generator is told a CPU that the flags admit
+    (haswell for AVX2 and FMA, sandybridge for AVX), and the child reports the target it runs with;
+    a Julia that knows the CPU keeps its own choice; MFRES_JULIA_CPU_TARGET decides instead."""
+    from mfres.backends import julia_exe
+
+    monkeypatch.delenv(julia_exe.CPU_TARGET_VARIABLE, raising=False)
+    avx2 = {"avx", "avx2", "fma", "sse4_2"}
+    monkeypatch.setattr(julia_exe, "julia_cpu_name", lambda exe: "generic")
+    assert julia_exe.cpu_target_option("j", avx2) == ["-C", "haswell"]
+    assert julia_exe.cpu_target_option("j", {"avx", "sse4_2"}) == ["-C", "sandybridge"]
+    assert julia_exe.cpu_target_option("j", {"sse4_2"}) == []
+    monkeypatch.setattr(julia_exe, "julia_cpu_name", lambda exe: "znver2")
+    assert julia_exe.cpu_target_option("j", avx2) == []
+    monkeypatch.setenv(julia_exe.CPU_TARGET_VARIABLE, "native")
+    assert julia_exe.cpu_target_option("j", avx2) == []
+    monkeypatch.undo()
+    monkeypatch.delenv(julia_exe.CPU_TARGET_VARIABLE, raising=False)
+    assert julia_exe.julia_cpu_name(julia)  # this Julia's own name for the CPU
+    want = julia_exe.cpu_target_option(julia)
+    with JuliaExeBackend(julia, threads=1) as jl:
+        assert jl.cpu_target == (want[1] if want else "native"), jl.describe()
+        assert f"CPU target {jl.cpu_target}" in jl.describe()
+    monkeypatch.setenv(julia_exe.CPU_TARGET_VARIABLE, "sandybridge")
+    with JuliaExeBackend(julia, threads=1) as jl:
+        assert jl.cpu_target == "sandybridge"
+        theta, prob = _problem("tanh", 3, 5, 2, 7, 0.0, "float64")
+        E, grad = jl.loss_and_grad(theta, prob)
+        E_ref, grad_ref = NumpyBackend().loss_and_grad(theta, prob)
+        assert E == pytest.approx(E_ref, rel=1e-12)
+        np.testing.assert_allclose(grad.U, grad_ref.U, rtol=1e-10, atol=1e-14)

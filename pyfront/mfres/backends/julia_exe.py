@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import re
 import select
@@ -83,6 +84,45 @@ def find_executable() -> tuple[str, tuple[int, int, int]] | None:
     """The first Julia ≥ 1.5 among ``candidates()`` and its version, or None."""
     found = locate()
     return None if found is None else (found[0], found[1])
+
+
+CPU_TARGET_VARIABLE = "MFRES_JULIA_CPU_TARGET"
+
+
+@functools.cache
+def julia_cpu_name(exe: str) -> str | None:
+    """The CPU that Julia ``exe`` takes this one for (``Sys.CPU_NAME``), or None (0.2 s, once per path)."""
+    try:
+        res = subprocess.run([exe, "--startup-file=no", "--history-file=no", "-e", "print(Sys.CPU_NAME)"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (res.stdout.strip() or None) if res.returncode == 0 else None
+
+
+def cpu_target_option(exe: str, flags: set[str] | None = None) -> list[str]:
+    """Julia's ``-C`` option: the code generator's target CPU.
+
+    A Julia older than the CPU (Julia 1.5.3's LLVM 9 on AMD Zen 3 and Zen 4) names it
+    "generic" and, although it still uses the CPU's vector extensions, tunes its code for
+    no CPU: on a Zen 4 the small size's step ran 2–2.5x slower than with ``-C haswell``.
+    There mfres names "haswell" (AVX2 and FMA; 256-bit vectors, which the kernels' short
+    loops over particles fill better than AVX-512's) or "sandybridge" (AVX). Julia turns
+    off any feature of the named CPU that this one lacks. ``MFRES_JULIA_CPU_TARGET``
+    decides instead ("native": Julia's own choice)."""
+    from . import cpu_flags
+
+    chosen = os.environ.get(CPU_TARGET_VARIABLE, "").strip()
+    if chosen:
+        return [] if chosen == "native" else ["-C", chosen]
+    if julia_cpu_name(exe) != "generic":
+        return []
+    flags = cpu_flags() if flags is None else flags
+    if {"avx2", "fma"} <= flags:
+        return ["-C", "haswell"]
+    if "avx" in flags:
+        return ["-C", "sandybridge"]
+    return []
 
 
 def server_script() -> Path:
@@ -194,9 +234,10 @@ class JuliaExeBackend:
         self.kernel_seconds = 0.0
         self.continued = False
         opts, self.threads_from = thread_option(threads)
-        argv = [exe, *opts, "--startup-file=no", "--history-file=no", str(server_script())]
-        self._stderr = tempfile.TemporaryFile()
         t0 = time.perf_counter()
+        argv = [exe, *opts, *cpu_target_option(exe), "--startup-file=no", "--history-file=no",
+                str(server_script())]
+        self._stderr = tempfile.TemporaryFile()
         try:
             self.proc = popen(args=argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                               env={**os.environ, **blas_environment()}, start_new_session=True,
@@ -209,6 +250,7 @@ class JuliaExeBackend:
             words = self._read_reply("ready", "starting")
             self.version, self.threads = words[0], int(words[1])
             self.blas = words[2] if len(words) > 2 else "unknown"
+            self.cpu_target = words[3] if len(words) > 3 else "unknown"
             self.startup_seconds = time.perf_counter() - t0
             if threads and self.threads != threads:
                 raise BackendError(f"Julia started with {self.threads} threads, not the {threads} asked for")
@@ -385,7 +427,7 @@ class JuliaExeBackend:
 
     def describe(self) -> str:
         return (f"Julia {self.version} at {self.exe} (executable transport, pid {self.pid}), "
-                f"{self.threads} thread(s) from {self.threads_from}, BLAS {self.blas}, "
+                f"{self.threads} thread(s) from {self.threads_from}, BLAS {self.blas}, CPU target {self.cpu_target}, "
                 f"start-up {self.startup_seconds:.1f} s")
 
     def close(self) -> None:
