@@ -99,6 +99,13 @@ def test_tanh_choice_follows_the_cpu_and_the_variable(monkeypatch: pytest.Monkey
     for choice, own in (("own", True), ("numpy", False), (" Own ", True)):
         monkeypatch.setenv(activations.TANH_VARIABLE, choice)
         assert (f64 in activations.own_tanh_dtypes()) == own
+    import numpy.lib.introspect as introspect
+
+    for current, vectorised in (("X86_V4", True), ("AVX512_SKX", True), ("X86_V3", False), ("FMA3__AVX2", False)):
+        monkeypatch.setattr(introspect, "opt_func_info",
+                            lambda func_name, signature, c=current: {"tanh": {"dd": {"current": c}}})
+        assert activations.numpy_tanh_vectorised() == vectorised, current
+    monkeypatch.undo()
     monkeypatch.setenv(activations.TANH_VARIABLE, "fast")
     with pytest.warns(UserWarning, match="MFRES_TANH must be own or numpy, not 'fast'"):
         chosen = activations.own_tanh_dtypes()

@@ -527,7 +527,7 @@ def test_final_file_is_drafted_while_the_last_chunk_runs(tmp_path: Path, monkeyp
 
     drafts: list[tuple[float, float, bool]] = []
     completed: list[bool] = []
-    plain_draft, plain_complete = writer_mod.RunWriter.draft_finish, writer_mod.RunWriter._complete_draft
+    plain_draft, plain_complete = writer_mod.RunWriter.draft_final_file, writer_mod.RunWriter._complete_draft
 
     def recording_draft(self, steps, snapshots):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
@@ -538,7 +538,7 @@ def test_final_file_is_drafted_while_the_last_chunk_runs(tmp_path: Path, monkeyp
         completed.append(plain_complete(self, arrays, step))
         return completed[-1]
 
-    monkeypatch.setattr(writer_mod.RunWriter, "draft_finish", recording_draft)
+    monkeypatch.setattr(writer_mod.RunWriter, "draft_final_file", recording_draft)
     monkeypatch.setattr(writer_mod.RunWriter, "_complete_draft", recording_complete)
     monkeypatch.setattr(writer_mod, "DURABLE_SECONDS", 0.0)
     config = RunConfig(depth=3, width=6, dim=2, samples=8, steps=12, snapshot_every=3, ds=0.5, backend="numpy")
@@ -554,19 +554,30 @@ def test_final_file_is_drafted_while_the_last_chunk_runs(tmp_path: Path, monkeyp
     assert os.listdir(tmp_path / ".o.nc.mfres") == ["lock"]
 
 
-@pytest.mark.parametrize("end", ["fewer steps", "closed"])
-def test_a_draft_that_does_not_fit_is_dropped(tmp_path: Path, end: str) -> None:
-    """A draft sized for more steps than the run made (a divergence in the last chunk) is dropped and
-    the file written as without one; a writer closed with a draft (a crash) leaves the published
-    file as it was and no temporary file."""
+@pytest.mark.parametrize("end", ["fits", "fewer steps", "a segment between", "closed"])
+def test_a_draft_is_used_only_where_it_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """A draft made with rows still in memory is completed with the rest and gives the file written
+    without one; a draft sized for more steps than the run made (a divergence in the last chunk), or
+    one that a segment written after it outdates, is dropped and the file written whole; a writer
+    closed with a draft (a crash) leaves the published file as it was and no temporary file."""
+    from mfres.store import writer as writer_mod
     from mfres.store.writer import RunWriter
     from mfres.train import prepare
 
+    used: list[bool] = []
+    plain_complete = writer_mod.RunWriter._complete_draft
+
+    def recording_complete(self, arrays, step):  # type: ignore[no-untyped-def]
+        used.append(plain_complete(self, arrays, step))
+        return used[-1]
+
+    monkeypatch.setattr(writer_mod.RunWriter, "_complete_draft", recording_complete)
     config = mfres.config.RunConfig(depth=3, width=6, dim=2, samples=8, steps=12, snapshot_every=3, ds=0.5,
                                     backend="numpy")
     data, theta, _ = prepare(config)
     rng = np.random.default_rng(0)
     loss, gn = rng.random(13), rng.random(13)
+    last = 11 if end == "fewer steps" else 12
     outs = []
     for name, draft in (("a.nc", True), ("b.nc", False)):
         w = RunWriter(str(tmp_path / name), config, data, "numpy")
@@ -574,24 +585,27 @@ def test_a_draft_that_does_not_fit_is_dropped(tmp_path: Path, end: str) -> None:
         for k in (0, 3, 6):
             w.write_snapshot(k, theta, np.full(8, k, float))
         w.commit(6, theta)
-        w.write_steps(7, loss[7:10], gn[7:10])
+        w.write_steps(7, loss[7:10], gn[7:10])  # rows in memory when the draft is made
         w.write_snapshot(9, theta, np.full(8, 9.0))
         if draft:
-            w.draft_finish(3, 1)
+            w.draft_final_file(3, 1)
             assert w._draft is not None and len(os.listdir(tmp_path / f".{name}.mfres")) == 2
+        outs.append(tmp_path / name)
         if end == "closed":
             w.close()
-            outs.append(tmp_path / name)
             continue
-        w.write_steps(10, loss[10:12], gn[10:12])  # two of the three steps
-        w.write_snapshot(11, theta, np.full(8, 11.0))
-        w.finish("diverged", "diverged at step 12", 11, theta)
+        if end == "a segment between":
+            w.commit(9, theta)
+        w.write_steps(10, loss[10:last + 1], gn[10:last + 1])
+        w.write_snapshot(last, theta, np.full(8, float(last)))
+        w.finish("finished" if last == 12 else "diverged", "", last, theta)
         w.close()
-        outs.append(tmp_path / name)
         assert os.listdir(tmp_path / f".{name}.mfres") == ["lock"]
+    assert used == ([] if end == "closed" else [end == "fits", False])
     _dataset_equal(*outs)
     with xr.open_dataset(outs[0]) as ds:
-        assert ds.sizes["step"] == (7 if end == "closed" else 12)
+        assert ds.sizes["step"] == (7 if end == "closed" else last + 1)
         np.testing.assert_array_equal(ds["loss"].values, loss[:ds.sizes["step"]])
+        assert list(ds["snapshot_step"].values) == [0, 3, 6] + ([] if end == "closed" else [9, last])
     if end == "closed":
         assert [n for n in os.listdir(tmp_path / ".a.nc.mfres") if "publish" in n] == []

@@ -254,7 +254,7 @@ def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, las
         if commit:
             writer.commit(step, theta)
         if last:
-            writer.draft_finish(last, 1)
+            writer.draft_final_file(last, 1)
     return work
 
 

@@ -103,18 +103,17 @@ def julia_cpu_name(exe: str) -> str | None:
 def cpu_target_option(exe: str, flags: set[str] | None = None) -> list[str]:
     """Julia's ``-C`` option: the code generator's target CPU.
 
-    A Julia older than the CPU (Julia 1.5.3's LLVM 9 on AMD Zen 3 and Zen 4) names it
-    "generic" and, although it still uses the CPU's vector extensions, tunes its code for
-    no CPU: on a Zen 4 the small size's step ran 2–2.5x slower than with ``-C haswell``.
-    There mfres names "haswell" (AVX2 and FMA; 256-bit vectors, which the kernels' short
-    loops over particles fill better than AVX-512's) or "sandybridge" (AVX). Julia turns
-    off any feature of the named CPU that this one lacks. ``MFRES_JULIA_CPU_TARGET``
-    decides instead ("native": Julia's own choice)."""
+    A Julia older than the CPU (Julia 1.5.3 on an AMD Zen 4) names it "generic" and, although
+    it still uses the CPU's vector extensions, tunes its code for no CPU: on that Zen 4 the
+    small size's step ran 2–2.5x slower than with ``-C haswell``, the other sizes alike
+    (measured: ``benchmarks/julia_bench.jl``). There mfres names "haswell" (AVX2 and FMA)
+    or "sandybridge" (AVX). Julia turns off any feature of the named CPU that this one lacks. ``MFRES_JULIA_CPU_TARGET``
+    decides instead ("native", in any case: Julia's own choice)."""
     from . import cpu_flags
 
     chosen = os.environ.get(CPU_TARGET_VARIABLE, "").strip()
     if chosen:
-        return [] if chosen == "native" else ["-C", chosen]
+        return [] if chosen.lower() == "native" else ["-C", chosen]
     if julia_cpu_name(exe) != "generic":
         return []
     flags = cpu_flags() if flags is None else flags

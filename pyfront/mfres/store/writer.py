@@ -9,6 +9,11 @@ leaves the last published file intact and every durable segment readable
 (``reader.open_run`` merges them); a power loss costs at most the steps since the last
 durable point.
 
+Where the backend computes in another process, the final file is *drafted* while the last
+chunk runs (``draft_final_file``): written and fsync'ed under its temporary name with all
+but that chunk's rows, which the last durable point adds before the fsync and rename; a
+draft that does not fit the run's end is dropped and the file written whole.
+
 Publishing happens at the first and the last durable point of a session, and in
 between when ``MAX_SEGMENTS`` segments wait, or when the pending segments have
 reached the published file's size and ``PUBLISH_SECONDS`` have passed (so the file
@@ -137,8 +142,7 @@ class RunWriter:
         self._grid: int | None = None  # at the next publish, keep only snapshots on this step grid
         self._last = self._published_at = time.monotonic()
         self._cost = 0.0
-        self._draft: dict[str, Any] | None = None  # the final file, written ahead (draft_finish)
-        self._draft_files: dict[str, Any] | None = None  # a draft's open files, until it is published
+        self._draft: dict[str, Any] | None = None  # a new file being written (draft_final_file), until published
         self._open(overwrite, resume)
 
     # -- opening -----------------------------------------------------------------------
@@ -384,7 +388,7 @@ class RunWriter:
         draft = self._start_draft([arrays] if arrays is not None else [], 0, 0)
         self._finish_draft(draft, [], step)
 
-    def draft_finish(self, steps: int, snapshots: int) -> None:
+    def draft_final_file(self, steps: int, snapshots: int) -> None:
         """Write the final file, as far as it is known now, under its temporary name and fsync it: meant to
         run while the backend computes the run's last ``steps`` steps and ``snapshots`` snapshots, so that
         ``finish`` has only their rows to add (the file is published then as by any publish). Optional: a
@@ -394,19 +398,21 @@ class RunWriter:
             return
         try:
             arrays = self._payload(self.steps_written, None)
-            draft = self._start_draft([arrays], steps, snapshots)
+            snap = sum(a.nbytes for a in self._snaps[-1].values() if isinstance(a, np.ndarray)) if self._snaps else 0
+            state = self.config.depth * self.config.width * (2 * self.data.d + 1) * np.dtype(self.config.dtype).itemsize
+            draft = self._start_draft([arrays], steps, snapshots, 16 * steps + snapshots * snap + state)
             draft["memory"] = (len(arrays["loss"]), len(self._snaps))
             draft["nc"].sync()
             os.fsync(draft["fd"])
-        except (StorageError, OSError, RuntimeError, ValueError):
+        except Exception:  # the draft is optional: finish writes the file whole
             self._discard_draft()
             return
-        self._draft = draft
+        draft["ready"] = True
 
     def _complete_draft(self, arrays: dict[str, Any], step: int) -> bool:
-        """Publish through the draft (``draft_finish``) if it holds everything but ``arrays``' last rows."""
-        draft, self._draft = self._draft, None
-        if draft is None:
+        """Publish through the draft (``draft_final_file``) if it holds everything but ``arrays``' last rows."""
+        draft = self._draft
+        if draft is None or not draft.get("ready"):
             return False
         n_mem, k_mem = draft["memory"]
         tail = {k: v[n_mem:] if k in STEP_DATA else v[k_mem:] if k in SNAPSHOT_DATA else v
@@ -414,22 +420,23 @@ class RunWriter:
         fits = (self.seq == draft["seq"] and len(tail["loss"]) == draft["n"] - draft["n_at"]
                 and len(tail["snapshot_step"]) == draft["k"] - draft["k_at"])
         if not fits:
-            self._draft = draft
             self._discard_draft()
             return False
         self._finish_draft(draft, [tail], step)
         return True
 
-    def _start_draft(self, memory: list[dict[str, Any]], steps: int, snapshots: int) -> dict[str, Any]:
+    def _start_draft(self, memory: list[dict[str, Any]], steps: int, snapshots: int,
+                     more_bytes: int = 0) -> dict[str, Any]:
         """Open a new file under a temporary name and write published + pending segments + ``memory``
-        into it, sized for ``steps`` and ``snapshots`` more rows (``_finish_draft`` adds them)."""
+        into it, sized for ``steps`` and ``snapshots`` more rows (``_finish_draft`` adds them, about
+        ``more_bytes``)."""
         tmp = f".publish.{os.getpid()}.tmp.nc"
         tmp_path = layout.hdf5_dir_name(self.side, self.sidefd, tmp)
         segments = [layout.read_segment(self.side, n) for _, n, _ in self.pending]
         parts = [*segments, *memory]
         nbytes = self.published_bytes + sum(sum(np.asarray(a).nbytes for k, a in p.items() if k != "meta")
                                             for p in parts)
-        self._check_space("the run file", nbytes)
+        self._check_space("the run file", nbytes + more_bytes)
         if self._grid is not None:  # resumed onto a new snapshot spacing: keep the snapshots on it
             for p in parts:
                 if "snapshot_step" in p:
@@ -437,7 +444,7 @@ class RunWriter:
                     for k in SNAPSHOT_DATA:
                         p[k] = p[k][keep]
         draft: dict[str, Any] = {"tmp": tmp, "seq": self.seq, "fd": -1, "nc": None}
-        self._draft_files = draft  # for _discard_draft, until the draft is complete or dropped
+        self._draft = draft  # for _discard_draft, until the draft is published or dropped
         try:
             with contextlib.ExitStack() as stack:
                 old = None
@@ -473,10 +480,12 @@ class RunWriter:
         except BaseException:
             self._discard_draft()
             raise
-        os.close(draft["fd"])
-        self._draft_files = None
+        fd, draft["fd"], self._draft = draft["fd"], -1, None
+        with contextlib.suppress(OSError):
+            os.close(fd)
         self.published, self.published_bytes, self.pending = True, size, []
         self._published_at = time.monotonic()
+        draft.clear()  # the whole series, before the memory goes back
         _give_back_memory()
         self._grid = None
         # every segment now is either absorbed or stale (older runs, abandoned temporaries)
@@ -487,8 +496,7 @@ class RunWriter:
 
     def _discard_draft(self) -> None:
         """Close and remove an unfinished draft, if any (the published file is untouched)."""
-        self._draft = None
-        draft, self._draft_files = self._draft_files, None
+        draft, self._draft = self._draft, None
         if draft is None:
             return
         if draft["nc"] is not None:
@@ -566,9 +574,10 @@ class RunWriter:
         for p in parts:
             if "state_U" in p:
                 state = p
-        if state is not None or old is not None:
-            for name in STATE_DATA:
-                out[name][:] = state[name] if state is not None else old[name][...]
+        if state is None and old is None:
+            raise ValueError("a run file needs the full state: none was given and none was published")
+        for name in STATE_DATA:
+            out[name][:] = state[name] if state is not None else old[name][...]
         return {"out": out, "series": series, "snap_steps": snap_steps, "n_at": n_at, "k_at": k_at, "n": n, "k": k}
 
     def _write_rest(self, draft: dict[str, Any], tail: list[dict[str, Any]], step: int) -> None:
