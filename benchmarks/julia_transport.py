@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from mfres.backends import Problem, blas_environment
-from mfres.backends.julia_exe import JuliaExeBackend, find_executable
+from mfres.backends.julia_exe import JuliaExeBackend, cpu_target_option, find_executable
 from mfres.config import RunConfig
 from mfres.train import prepare, run
 
@@ -121,7 +121,8 @@ def main() -> None:
             L, M, d, N = size["depth"], size["width"], size["dim"], size["samples"]
             kern = in_julia
             if args.separate:
-                out = subprocess.run([exe, "-t", str(args.threads), "--startup-file=no", "-e", KERNELS, str(ROOT),
+                argv = [exe, "-t", str(args.threads), *cpu_target_option(exe), "--startup-file=no"]
+                out = subprocess.run([*argv, "-e", KERNELS, str(ROOT),
                                       *map(str, (L, M, d, N, n1, n2))], capture_output=True, text=True, check=True,
                                      env={**os.environ, **blas_environment()})
                 kern = 1e3 * float(out.stdout.split()[-1])

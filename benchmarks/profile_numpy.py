@@ -60,9 +60,11 @@ def main() -> None:
     c = dtype.type(0.5)
     isz = dtype.itemsize
     big, small = nb * M * isz, nb * (d + 1) * isz
+    own = dtype in activations.OWN_TANH
     per_block = [
         ("Q = [z 1]·[W b]ᵀ", lambda: np.matmul(Z, w.Wb[:, 0].transpose(0, 2, 1), out=q), big + small),
-        ("σ, σ' (mfres tanh, 1 − s²)", lambda: activations.value_and_derivative(act, q, S, D, ts.act), 3 * big),
+        (f"σ, σ' ({'mfres ' if own else 'np.'}tanh, 1 − s²)",
+         lambda: activations.value_and_derivative(act, q, S, D, ts.act), 3 * big),
         ("z' = z + c σ·[U 0]", lambda: (np.matmul(S, w.U0[:, 0], out=w.Z[1, :, blk]), np.multiply(w.Z[1, :, blk], c,
                                         out=w.Z[1, :, blk]), np.add(w.Z[1, :, blk], Z, out=w.Z[1, :, blk])),
          big + 3 * small),
@@ -77,8 +79,9 @@ def main() -> None:
         ("[∂W ∂b] = Tᵀ·[z 1] (all N)", lambda: np.matmul(w.D[0].transpose(0, 2, 1), w.Z[0], out=ts.G),
          N * M * isz + N * (d + 1) * isz),
     ]
-    ref = ("np.tanh, 1 − s² (not used)",
-           lambda: (np.tanh(q, out=S), np.multiply(S, S, out=D), np.subtract(1, D, out=D)))
+    ref = (f"{'np.' if own else 'mfres '}tanh, 1 − s² (not used)",
+           (lambda: (np.tanh(q, out=S), np.multiply(S, S, out=D), np.subtract(1, D, out=D))) if own else
+           (lambda: (activations.tanh(q, S, ts.act), np.multiply(S, S, out=D), np.subtract(1, D, out=D))))
     rows = []
     total = 0.0
     with one_blas_thread():

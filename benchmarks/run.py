@@ -224,9 +224,9 @@ def sweep_throughput(seeds: int, env: dict, repeats: int, backend: str | None) -
     separate runs pay it, and the sweep's fixed start of Python, imports and the Dask worker,
     the same in both, which pulls that ratio towards 1), the Julia start-up and compilation
     the sweep reports subtracted from both."""
-    # Julia: 40000 steps between the two, so that the difference between the modes (~20 s of
-    # 16 small nets) stands above the seconds by which two processes' start-ups differ
-    n1, n2 = (100, 40100) if backend == "julia" else (100, 500)
+    # enough steps between the two that the difference (~10-20 s of 16 small nets) stands above the
+    # seconds by which two processes' start-ups differ (with 400 NumPy steps it once came out negative)
+    n1, n2 = (100, 40100) if backend == "julia" else (100, 2100)
     out: dict = {}
     with tempfile.TemporaryDirectory() as folder:
         for mode, separate in (("batched", False), ("separate", True)):
@@ -603,7 +603,7 @@ cache, then the two parameter-gradient products over all N samples per layer. Ev
 product has one dimension of only d + 1: BLAS runs these skinny shapes far below its
 dense peak. The activation is mfres's own float64 tanh (a table and a [3/2] Padé
 approximant, 17 NumPy passes on a block in cache) where NumPy's `np.tanh` is not
-vectorised; the line `np.tanh` shows what NumPy's own would cost."""
+vectorised, else NumPy's; the line marked "not used" shows what the other would cost."""
 
 
 def busy(res: dict) -> bool:
