@@ -455,12 +455,8 @@ class RunWriter:
                 draft["nc"] = netCDF4.Dataset(tmp_path, "w", format="NETCDF4")
                 draft["fd"] = os.open(tmp, os.O_RDONLY, dir_fd=self.sidefd)
                 draft.update(self._write_file(draft["nc"], old, parts, steps, snapshots))
-        except (OSError, RuntimeError) as e:
-            self._discard_draft()
-            raise self._storage_error("the run file", e) from None
-        except BaseException:
-            self._discard_draft()
-            raise
+        except BaseException as e:
+            raise self._drop_draft(e) from None
         del segments, parts
         return draft
 
@@ -474,12 +470,8 @@ class RunWriter:
             size = os.fstat(draft["fd"]).st_size
             os.replace(draft["tmp"], self.name, src_dir_fd=self.sidefd, dst_dir_fd=self.dirfd)
             _fsync_dir(self.dirfd)
-        except (OSError, RuntimeError) as e:
-            self._discard_draft()
-            raise self._storage_error("the run file", e) from None
-        except BaseException:
-            self._discard_draft()
-            raise
+        except BaseException as e:
+            raise self._drop_draft(e) from None
         fd, draft["fd"], self._draft = draft["fd"], -1, None
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -493,6 +485,11 @@ class RunWriter:
             if n != layout.LOCK_NAME:
                 with contextlib.suppress(OSError):
                     os.unlink(n, dir_fd=self.sidefd)
+
+    def _drop_draft(self, e: BaseException) -> BaseException:
+        """Discard the draft after ``e``; what to raise: a ``StorageError`` for an OS or HDF5 error, else ``e``."""
+        self._discard_draft()
+        return self._storage_error("the run file", e) if isinstance(e, (OSError, RuntimeError)) else e
 
     def _discard_draft(self) -> None:
         """Close and remove an unfinished draft, if any (the published file is untouched)."""
