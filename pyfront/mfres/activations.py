@@ -167,9 +167,9 @@ def tanh_in_use() -> str:
     """Which float64 tanh the activations use here, and why, in words."""
     chosen = os.environ.get(TANH_VARIABLE, "").strip().lower()
     why = f"{TANH_VARIABLE}={chosen}" if chosen in ("own", "numpy") else \
-        "NumPy's is vectorised here" if numpy_tanh_vectorised() else "NumPy's is not vectorised here"
+        "vectorised here" if numpy_tanh_vectorised() else "NumPy's is not vectorised here"
     own = np.dtype(np.float64) in OWN_TANH
-    return f"float64 tanh: {'mfres' if own else 'NumPy'}'s own ({why})"
+    return f"float64 tanh: {'mfres' if own else 'NumPy'}'s ({why})"
 # the clip ufunc itself: np.clip's Python checks cost ~5 µs a call, as much as the pass on a block
 try:
     from numpy._core.umath import clip as _clip  # NumPy ≥ 2
