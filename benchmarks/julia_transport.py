@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mfres.backends import Problem, blas_environment
-from mfres.backends.julia_exe import JuliaExeBackend, cpu_target_option, find_executable
+from mfres.backends import Problem
+from mfres.backends.julia_exe import JuliaExeBackend, find_executable, julia_command
 from mfres.config import RunConfig
 from mfres.train import prepare, run
 
@@ -121,10 +121,9 @@ def main() -> None:
             L, M, d, N = size["depth"], size["width"], size["dim"], size["samples"]
             kern = in_julia
             if args.separate:
-                argv = [exe, "-t", str(args.threads), *cpu_target_option(exe), "--startup-file=no"]
-                out = subprocess.run([*argv, "-e", KERNELS, str(ROOT),
-                                      *map(str, (L, M, d, N, n1, n2))], capture_output=True, text=True, check=True,
-                                     env={**os.environ, **blas_environment()})
+                command, env = julia_command(exe, ["-t", str(args.threads)])
+                out = subprocess.run([*command, "-e", KERNELS, str(ROOT), *map(str, (L, M, d, N, n1, n2))],
+                                     capture_output=True, text=True, check=True, env=env)
                 kern = 1e3 * float(out.stdout.split()[-1])
                 print(f"{name}: kernels in a separate Julia {kern:.4f} ms/step, timed inside the server "
                       f"{in_julia:.4f} ms/step")

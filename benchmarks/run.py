@@ -51,21 +51,12 @@ class Skipped(Exception):
     """A contender that cannot run here; the message says why."""
 
 
-def julia_env() -> dict[str, str]:
-    """The environment the product gives its Julia child (the BLAS kernel choice of
-    mfres.backends.blas_environment), so that the kernels are measured as the product runs them
-    (with ``julia_argv``'s options)."""
-    from mfres.backends import blas_environment  # importable: contenders put pyfront/ on sys.path
+def julia_command(julia: str, threads: int) -> tuple[list[str], dict[str, str]]:
+    """``julia -t T`` as the product starts its Julia child (mfres.backends.julia_exe.julia_command:
+    the same code generator's target and BLAS kernels), and its environment."""
+    from mfres.backends.julia_exe import julia_command as product_command  # contenders put pyfront/ on sys.path
 
-    return {**os.environ, **blas_environment()}
-
-
-def julia_argv(julia: str, threads: int) -> list[str]:
-    """``julia -t T`` with the code generator's target the product gives its Julia child
-    (mfres.backends.julia_exe.cpu_target_option)."""
-    from mfres.backends.julia_exe import cpu_target_option
-
-    return [julia, "-t", str(threads), *cpu_target_option(julia), "--startup-file=no"]
+    return product_command(julia, ["-t", str(threads)])
 
 
 def product_env(julia: str | None) -> dict[str, str]:
@@ -86,9 +77,10 @@ def contender(*args: str) -> dict | None:
 
 def julia_run(julia: str, threads: int, size: str, dtype: str, steps: int, repeats: int) -> dict | None:
     L, M, d, N = SIZES[size]
-    res = subprocess.run([*julia_argv(julia, threads), f"--project={ROOT}",
+    command, env = julia_command(julia, threads)
+    res = subprocess.run([*command, f"--project={ROOT}",
                           str(HERE / "julia_bench.jl"), str(L), str(M), str(d), str(N), dtype, str(steps),
-                          str(repeats)], capture_output=True, text=True, env=julia_env())
+                          str(repeats)], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         print(f"julia_bench.jl failed:\n{res.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -98,8 +90,9 @@ def julia_run(julia: str, threads: int, size: str, dtype: str, steps: int, repea
 
 
 def julia_activation_rate(julia: str, threads: int, n: int) -> float | None:
-    res = subprocess.run([*julia_argv(julia, threads), str(HERE / "julia_act_rate.jl"), str(n)],
-                         capture_output=True, text=True, env=julia_env())
+    command, env = julia_command(julia, threads)
+    res = subprocess.run([*command, str(HERE / "julia_act_rate.jl"), str(n)], capture_output=True, text=True,
+                         env=env)
     if res.returncode != 0:
         print(f"julia_act_rate.jl failed:\n{res.stderr[-2000:]}", file=sys.stderr)
         return None

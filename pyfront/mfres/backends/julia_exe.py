@@ -107,8 +107,9 @@ def cpu_target_option(exe: str, flags: set[str] | None = None) -> list[str]:
     it still uses the CPU's vector extensions, tunes its code for no CPU: on that Zen 4 the
     small size's step ran 2–2.5x slower than with ``-C haswell``, the other sizes alike
     (measured: ``benchmarks/julia_bench.jl``). There mfres names "haswell" (AVX2 and FMA)
-    or "sandybridge" (AVX). Julia turns off any feature of the named CPU that this one lacks. ``MFRES_JULIA_CPU_TARGET``
-    decides instead ("native", in any case: Julia's own choice)."""
+    or "sandybridge" (AVX). Julia turns off any feature of the named CPU that this one
+    lacks. ``MFRES_JULIA_CPU_TARGET`` decides instead ("native", in any case: Julia's own
+    choice)."""
     from . import cpu_flags
 
     chosen = os.environ.get(CPU_TARGET_VARIABLE, "").strip()
@@ -122,6 +123,14 @@ def cpu_target_option(exe: str, flags: set[str] | None = None) -> list[str]:
     if "avx" in flags:
         return ["-C", "sandybridge"]
     return []
+
+
+def julia_command(exe: str, thread_opts: list[str]) -> tuple[list[str], dict[str, str]]:
+    """How mfres starts a Julia: the command's first words (``exe``, ``thread_opts``, the code
+    generator's target of ``cpu_target_option``, no start-up file) and its environment (with
+    the BLAS kernels of ``blas_environment``). The benchmarks start theirs the same way."""
+    return ([exe, *thread_opts, *cpu_target_option(exe), "--startup-file=no"],
+            {**os.environ, **blas_environment()})
 
 
 def server_script() -> Path:
@@ -234,12 +243,12 @@ class JuliaExeBackend:
         self.continued = False
         opts, self.threads_from = thread_option(threads)
         t0 = time.perf_counter()
-        argv = [exe, *opts, *cpu_target_option(exe), "--startup-file=no", "--history-file=no",
-                str(server_script())]
+        command, env = julia_command(exe, opts)
+        argv = [*command, "--history-file=no", str(server_script())]
         self._stderr = tempfile.TemporaryFile()
         try:
             self.proc = popen(args=argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                              env={**os.environ, **blas_environment()}, start_new_session=True,
+                              env=env, start_new_session=True,
                               preexec_fn=pdeathsig(), close_fds=True)
         except OSError as e:
             raise BackendError(f"cannot start Julia ({exe}): {e}") from None
