@@ -406,13 +406,11 @@ class RunWriter:
             os.fsync(draft["fd"])
         except Exception:  # the draft is optional: finish writes the file whole
             self._discard_draft()
-            return
-        draft["ready"] = True
 
     def _complete_draft(self, arrays: dict[str, Any], step: int) -> bool:
         """Publish through the draft (``draft_final_file``) if it holds everything but ``arrays``' last rows."""
-        draft = self._draft
-        if draft is None or not draft.get("ready"):
+        draft = self._draft  # only a complete draft outlives the call that made it
+        if draft is None:
             return False
         n_mem, k_mem = draft["memory"]
         tail = {k: v[n_mem:] if k in STEP_DATA else v[k_mem:] if k in SNAPSHOT_DATA else v
@@ -534,9 +532,9 @@ class RunWriter:
         series = {}
         for name in STEP_DATA:
             a = [np.asarray(old[name][...], dtype=np.float64)] if old is not None else []
-            series[name] = a + [np.asarray(p[name], dtype=np.float64) for p in parts]
-            if n_at:
-                out[name][:n_at] = np.concatenate(series[name])
+            series[name] = np.concatenate([*a, *(np.asarray(p[name], dtype=np.float64) for p in parts)]
+                                          or [np.empty(0)])
+            out[name][:n_at] = series[name]
         steps_index = np.arange(n, dtype=np.int64)
         out["step"][:] = steps_index
         out["s"][:] = steps_index * config.ds
@@ -586,7 +584,7 @@ class RunWriter:
             for name in STEP_DATA:
                 a = np.asarray(p[name], dtype=np.float64)
                 out[name][pos:pos + m] = a
-                series[name].append(a)
+                series[name] = np.concatenate([series[name], a])
             pos += m
         kpos = draft["k_at"]
         for p in tail:
@@ -605,9 +603,7 @@ class RunWriter:
                     out[name][:] = p[name]
         all_snap = np.concatenate(snap_steps) if snap_steps else np.empty(0, np.int64)
         out["snapshot_s"][:] = all_snap * self.config.ds
-        loss = np.concatenate(series["loss"]) if series["loss"] else np.empty(0)
-        gn = np.concatenate(series["grad_norm"]) if series["grad_norm"] else np.empty(0)
-        figures = health.summary(loss, gn, self.config.ds)
+        figures = health.summary(series["loss"], series["grad_norm"], self.config.ds)
         self.attrs.update(steps_done=step, state_step=step, segment_seq=self.seq,
                           rise_count=int(figures["rise_count"]), max_rise=float(figures["max_rise"]),
                           energy_residual=float(figures["energy_residual"]))
