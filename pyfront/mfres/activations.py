@@ -147,16 +147,23 @@ def numpy_tanh_vectorised() -> bool:
     return bool(features.get("AVX512_SKX"))
 
 
+def _tanh_choice() -> tuple[bool, str]:
+    """Whether float64 uses mfres's tanh, and why, from ``MFRES_TANH`` and the CPU."""
+    choice = os.environ.get(TANH_VARIABLE, "").strip().lower()
+    if choice in ("own", "numpy"):
+        return choice == "own", f"{TANH_VARIABLE}={choice}"
+    if choice:
+        warnings.warn(f"{TANH_VARIABLE} must be own or numpy, not {choice!r}; choosing by the CPU", stacklevel=3)
+    if numpy_tanh_vectorised():
+        return False, "vectorised here"
+    return True, "NumPy's is not vectorised here"
+
+
 def own_tanh_dtypes() -> frozenset:
     """The dtypes whose activations use mfres's tanh: float64 unless NumPy's is vectorised here
     (``MFRES_TANH=own`` or ``numpy`` decides instead). Never float32: NumPy vectorises its
     float32 tanh with AVX2 too (4 ns per element with σ', against 6–7 for this one)."""
-    choice = os.environ.get(TANH_VARIABLE, "").strip().lower()
-    if choice not in ("", "own", "numpy"):
-        warnings.warn(f"{TANH_VARIABLE} must be own or numpy, not {choice!r}; choosing by the CPU", stacklevel=2)
-        choice = ""
-    own = choice == "own" or (choice == "" and not numpy_tanh_vectorised())
-    return frozenset({np.dtype(np.float64)}) if own else frozenset()
+    return frozenset({np.dtype(np.float64)}) if _tanh_choice()[0] else frozenset()
 
 
 OWN_TANH = own_tanh_dtypes()
@@ -165,11 +172,13 @@ OWN_TANH = own_tanh_dtypes()
 
 def tanh_in_use() -> str:
     """Which float64 tanh the activations use here, and why, in words."""
-    chosen = os.environ.get(TANH_VARIABLE, "").strip().lower()
-    why = f"{TANH_VARIABLE}={chosen}" if chosen in ("own", "numpy") else \
-        "vectorised here" if numpy_tanh_vectorised() else "NumPy's is not vectorised here"
     own = np.dtype(np.float64) in OWN_TANH
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bad MFRES_TANH was reported when OWN_TANH was made
+        why = _tanh_choice()[1]
     return f"float64 tanh: {'mfres' if own else 'NumPy'}'s ({why})"
+
+
 # the clip ufunc itself: np.clip's Python checks cost ~5 µs a call, as much as the pass on a block
 try:
     from numpy._core.umath import clip as _clip  # NumPy ≥ 2
