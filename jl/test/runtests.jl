@@ -179,6 +179,19 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         @test MFRes.fits(wr, U, X, :recompute) && !MFRes.fits(wr, U, X, :store)
     end
 
+    @testset "Float64 kernels: tanh within 3 ulp of tanh" begin
+        xs = [range(-25, 25; length = 40_001); 10.0 .^ range(-12, 1.4; length = 4001);
+              [0.0, 1e-300, 5e-324, 22.0, 30.0, -100.0, 0.3465735902799726, 0.34657359027997264]]
+        worst = 0.0
+        for x in xs
+            ref = tanh(big(x))
+            worst = max(worst, Float64(abs(MFRes.fast_tanh(x) - ref) / eps(Float64(ref))))
+        end
+        println("fast_tanh(Float64): worst error $worst ulp")
+        @test worst <= 3
+        @test signbit(MFRes.fast_tanh(-0.0)) && MFRes.fast_tanh(Inf) == 1.0 && isnan(MFRes.fast_tanh(NaN))
+    end
+
     @testset "Float32 kernels: tanh within 3 ulp of tanh, never through Float64" begin
         xs = Float32[range(-12, 12; length = 40_001); [0.0f0, -0.0f0, 1.0f-30, -1.0f-20, 1.0f-6, 9.0f0, 30.0f0, -100.0f0]]
         worst = 0.0
