@@ -21,6 +21,7 @@ include("activations.jl")
 include("workspace.jl")
 include("products.jl")
 include("kernels.jl")
+include("batch.jl")
 include("flow.jl")
 include("bridge.jl")
 

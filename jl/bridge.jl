@@ -61,11 +61,10 @@ end
 
 A batch of nets on the same data: net `j` (θ = `Us[j], Ws[j], bs[j]`, mutated in place)
 advances by `nsteps` GD steps, writing its E and RMS velocities into `losses[1:k, j]`,
-`norms[1:k, j]`. The nets run one after the other on one cached workspace, or spread
-over the threads, one workspace each, when there are several threads and nets, the nets
-are CPU `Array`s below the kernels' parallel threshold (N·M·d < `PARALLEL_WORK`: each
-net's kernels run on one thread) and `stop_nonfinite` is false; a net's numbers are the
-same either way. With
+`norms[1:k, j]`. The nets run one after the other on one cached workspace, except for
+CPU `Array`s below the kernels' parallel threshold (N·M·d < `PARALLEL_WORK`, where one
+net's kernels run on one thread) without `stop_nonfinite`, when there are several
+threads or at least `LANES` nets: see `advance_small_nets!`. With
 `stop_nonfinite` (meant for one net) a net stops at its first non-finite E and `k` is
 the number of values written for the last net; otherwise `k = nsteps + 1`.
 `predictions` (an `N × B` matrix, or `nothing`) receives each net's output a·z_L(x_i)
@@ -86,21 +85,8 @@ function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activatio
     np = min(Threads.nthreads(), B)
     problem = (X = X, y = y, a = a, Δs = Δs, nsteps = nsteps, σ = σ, weight_decay = weight_decay)
     out = (losses = losses, norms = norms, predictions = predictions)
-    if np > 1 && !stop_nonfinite && Us[1] isa Array && d * M * size(X, 2) < PARALLEL_WORK
-        # nets this small run their kernels on one thread: spread the nets over the threads
-        # instead, each thread with its own workspace (a net's numbers stay those of a serial run)
-        cache = cached_workspaces(BATCH_CACHE, np, Us[1], X, memory)
-        serial_blas!()
-        IN_BATCH[] = true
-        try
-            Threads.@threads for t in 1:np
-                for j in t:np:B
-                    advance_net!(cache[t], (Us[j], Ws[j], bs[j]), j, problem, out, false, nothing)
-                end
-            end
-        finally
-            IN_BATCH[] = false
-        end
+    if !stop_nonfinite && Us[1] isa Array && d * M * size(X, 2) < PARALLEL_WORK && (np > 1 || B >= LANES)
+        advance_small_nets!(Us, Ws, bs, Symbol(memory), problem, out)
         return nsteps + 1
     end
     k = nsteps + 1
@@ -109,6 +95,74 @@ function advance_nets(Us, Ws, bs, X, y, a, Δs::Real, nsteps::Integer, activatio
                          stop_nonfinite, start)
     end
     return k
+end
+
+const BLOCK_CACHE = Ref{Any}(nothing)
+
+# `n` lane blocks kept in BLOCK_CACHE while they fit, else n new ones
+function cached_blocks(n, ::Type{T}, d, M, L, N, memory, derivative) where {T}
+    wss = BLOCK_CACHE[]
+    if !(wss isa Vector && length(wss) >= n && all(ws -> batch_fits(ws, T, d, M, L, N, memory, derivative), wss))
+        wss = [BatchWorkspace{T,LANES}(d, M, L, N; memory = memory, derivative = derivative) for _ in 1:n]
+        BLOCK_CACHE[] = wss
+    end
+    return wss
+end
+
+"""
+    advance_small_nets!(Us, Ws, bs, memory, problem, out)
+
+A batch of small nets (CPU `Array`s, N·M·d < `PARALLEL_WORK`): the first `LANES·⌊B/LANES⌋`
+nets in lane blocks of `LANES` (batch.jl, vectorised across the nets), the rest one by
+one on the chunked kernels; the blocks and single nets are taken by the threads as they
+come free, each thread with its own workspaces. A net's numbers depend neither on the
+thread count nor on the order the threads take the work; a net in a block agrees with its
+run alone to rounding.
+"""
+function advance_small_nets!(Us, Ws, bs, memory::Symbol, p, out)
+    B = length(Us)
+    d, M, L = size(Us[1])
+    N = size(p.X, 2)
+    T = eltype(Us[1])
+    nblk = B ÷ LANES
+    items = nblk + (B - nblk * LANES)
+    np = min(Threads.nthreads(), items)
+    blocks = nblk > 0 ? cached_blocks(np, T, d, M, L, N, memory, !derivative_from_value(p.σ)) : nothing
+    singles = B > nblk * LANES ? cached_workspaces(BATCH_CACHE, np, Us[1], p.X, String(memory)) : nothing
+    next = Threads.Atomic{Int}(1)
+    serial_blas!()
+    IN_BATCH[] = true
+    try
+        Threads.@threads for t in 1:np
+            while true
+                q = Threads.atomic_add!(next, 1)  # the counter's value before the addition
+                q > items && break
+                if q <= nblk
+                    advance_block!(blocks[t], Us, Ws, bs, ((q - 1) * LANES + 1):(q * LANES), p, out)
+                else
+                    j = nblk * LANES + q - nblk
+                    advance_net!(singles[t], (Us[j], Ws[j], bs[j]), j, p, out, false, nothing)
+                end
+            end
+        end
+    finally
+        IN_BATCH[] = false
+    end
+    return nothing
+end
+
+# the nets `js` (one per lane) of a batch by p.nsteps steps on lane block ws
+function advance_block!(ws::BatchWorkspace, Us, Ws, bs, js, p, out)
+    for (r, j) in enumerate(js)
+        load_lane!(ws, r, Us[j], Ws[j], bs[j])
+    end
+    batch_gd!(ws, p.X, p.y, p.a, p.Δs, p.nsteps, p.σ; weight_decay = p.weight_decay, losses = out.losses,
+              norms = out.norms, columns = js)
+    for (r, j) in enumerate(js)
+        store_lane!(Us[j], Ws[j], bs[j], ws, r)
+        out.predictions === nothing || lane_predictions!(view(out.predictions, :, j), ws, r, p.a)
+    end
+    return nothing
 end
 
 # net j of a batch (θ = (U, W, b)) by p.nsteps steps, into column j of the outputs `out`

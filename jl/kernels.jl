@@ -87,7 +87,8 @@ end
 @inline slot(ws::Workspace, l) = ws.memory === :store ? l : 1
 
 # Whether the forward pass keeps σ′ (only when stored and not a function of σ).
-keeps_derivative(ws::Workspace, σ::Activation) = ws.memory === :store && !derivative_from_value(σ)
+keeps_derivative(ws::Workspace, σ::Activation) = keeps_derivative(ws.memory, σ)
+keeps_derivative(memory::Symbol, σ::Activation) = memory === :store && !derivative_from_value(σ)
 
 """
     forward!(ws, U, W, b, X, σ) -> z_L

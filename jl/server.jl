@@ -14,9 +14,10 @@
 #       map the file (T = float64 | float32; o* are byte offsets; B = 0 for one net);
 #       losses and norms are (B, CAP + 1) Float64 in C order, the nets' outputs at their
 #       last state (B, N) in T
-#   warmup T ACT ETA [batch]
+#   warmup T ACT ETA [batch D]
 #                           compile for one element type and activation (tiny problem):
-#                           one net's path, or with "batch" a batch's, and the requests
+#                           one net's path, or with "batch" a batch's for inputs of
+#                           dimension D (default 2), and the requests
 #                           themselves (the mapping is kept; the next advance starts afresh)
 #   advance N DS ACT ETA WD MEM [continue]
 #                           advance every net by N steps; "ok K S C": K values per net,
@@ -148,20 +149,23 @@ end
 
 # Compile the kernels for one element type and activation on a tiny problem, so
 # that the first chunk's time is the kernels' and start-up is measured apart. "batch":
-# the path of a batch of nets instead (over the threads where there are several),
-# compiled only when a batch is first asked for, so that one net's start-up never pays it.
+# the path of a batch of nets instead, for inputs of dimension D (the lane blocks'
+# kernels are compiled for each d), compiled only when a batch is first asked for, so
+# that one net's start-up never pays it.
 function warmup(words)
     T = eltype_of(words[1])
     act, eta = String(words[2]), parse(Float64, words[3])
     batch = length(words) >= 4 && words[4] == "batch"
     warm_requests(T, act, eta)
-    d, M, L, N = 2, 3, 2, 4
+    M, L, N = 3, 2, 4
+    d = batch && length(words) >= 5 ? parse(Int, words[5]) : 2  # lane blocks are compiled per d
     U, W, b = fill(T(0.1), d, M, L), fill(T(-0.2), d, M, L), fill(T(0.05), M, L)
     X, y, a = fill(T(0.3), d, N), fill(T(0.5), N), fill(T(1), d)
     # the argument types of `advance`'s call (its `map`s give concretely typed vectors)
     if batch
-        U2, W2, b2 = map(on_device, Any[U, copy(U)]), map(on_device, Any[W, copy(W)]), map(on_device, Any[b, copy(b)])
-        losses2, norms2, pred2 = zeros(2, 2), zeros(2, 2), zeros(T, N, 2)
+        B = MFRes.LANES + 1  # a lane block and a net alone
+        U2, W2, b2 = (map(on_device, Any[copy(v) for _ in 1:B]) for v in (U, W, b))
+        losses2, norms2, pred2 = zeros(2, B), zeros(2, B), zeros(T, N, B)
         Base.invokelatest(MFRes.advance_nets, U2, W2, b2, X, y, a, 0.01, 1, act, eta, 0.0,
                           view(losses2, 1:2, :), view(norms2, 1:2, :); stop_nonfinite = false, memory = "store",
                           predictions = pred2, start = nothing)

@@ -335,6 +335,43 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         @test_throws ArgumentError MFRes.activation(:relu)
     end
 
+    @testset "lane blocks: a batch vectorised across nets ($act, $memory)" for act in ("tanh", "softplus"),
+                                                                               memory in ("store", "recompute")
+        K = MFRes.LANES
+        B = 2K + 3  # two lane blocks and three nets alone
+        probs = [random_problem(MersenneTwister(40 + j), 3, 8, 4, 10) for j in 1:B]
+        X, y, a = probs[1][4], probs[1][5], probs[1][6]
+        function run_batch(js)
+            local θ = [[copy(probs[j][v]) for j in js] for v in 1:3]
+            local out = (zeros(8, length(js)), zeros(8, length(js)), zeros(10, length(js)))
+            @test MFRes.advance_nets(θ..., X, y, a, 0.2, 7, act, 0.5, 0.01, out[1], out[2]; predictions = out[3],
+                                     memory = memory) == 8
+            return (θ..., out...)
+        end
+        Us, Ws, bs, Ls, Ns, Ps = run_batch(1:B)
+        @test isa(MFRes.BLOCK_CACHE[][1], MFRes.BatchWorkspace)
+        worst = 0.0
+        for j in 1:B  # each net against its run alone: the same to rounding
+            U1, W1, b1 = copy(probs[j][1]), copy(probs[j][2]), copy(probs[j][3])
+            l1, n1 = MFRes.advance_chunk(U1, W1, b1, X, y, a, 0.2, 7, act, 0.5, 0.01; memory = memory)
+            zL = MFRes.cached_workspace(U1, X, memory).Z[:, :, end]
+            @test Ls[:, j] ≈ l1 rtol = 1e-13
+            @test Ns[:, j] ≈ n1 rtol = 1e-12
+            @test Ps[:, j] ≈ transpose(zL) * a rtol = 1e-12
+            @test Us[j] ≈ U1 rtol = 1e-12
+            @test Ws[j] ≈ W1 rtol = 1e-12
+            @test bs[j] ≈ b1 rtol = 1e-12
+            worst = max(worst, maximum(abs.(Ls[:, j] .- l1) ./ l1))
+        end
+        println("lane blocks ($act, $memory): worst relative difference of E from runs alone $worst")
+        # a net in a block: bit for bit the same in any lane and beside any other nets
+        rev = run_batch(2K:-1:1)
+        for (k, j) in enumerate(2K:-1:1)
+            @test rev[4][:, k] == Ls[:, j] && rev[5][:, k] == Ns[:, j] && rev[6][:, k] == Ps[:, j]
+            @test rev[1][k] == Us[j] && rev[2][k] == Ws[j] && rev[3][k] == bs[j]
+        end
+    end
+
     conformance = get(ENV, "MFRES_CONFORMANCE_DIR", "")
     if !isempty(conformance)
         include(joinpath(@__DIR__, "conformance.jl"))

@@ -345,10 +345,10 @@ class JuliaExeBackend:
         if problem.x.dtype != dtype:
             raise BackendError(f"θ is {dtype} but the data are {problem.x.dtype}")
         act = problem.activation  # compiled first: the warm-up also compiles the requests
-        key = (name, act.name, float(act.eta), B > 0)
+        key = (name, act.name, float(act.eta), d if B > 0 else 0)  # batches compile per d
         if key not in self._warm:
             t0 = time.perf_counter()
-            self._request(f"warmup {name} {act.name} {float(act.eta)!r}" + (" batch" if B > 0 else ""))
+            self._request(f"warmup {name} {act.name} {float(act.eta)!r}" + (f" batch {d}" if B > 0 else ""))
             self.startup_seconds += time.perf_counter() - t0
             self._warm.add(key)
         sh = self._shared

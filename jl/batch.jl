@@ -1,0 +1,382 @@
+# A batch of small nets on the same data, vectorised across the nets.
+#
+# One small net (N·M·d below PARALLEL_WORK) gives the chunked kernels loops of M or d
+# iterations: too short to fill the vector units, with a reduction at the end of each.
+# Here K nets (a lane block) are laid out with the net index first, `U, W :: (K, d, M, L)`,
+# `b :: (K, M, L)`, and every loop runs over the K nets innermost, K a compile-time
+# constant: the same scalar operations as one net's own run, in a fixed order per net
+# (no sum is split across lanes), so a net's numbers do not depend on its block, its lane
+# or the thread count. They agree with a run of its own (the chunked kernels, whose sums
+# over particles are split by SIMD and BLAS) to rounding.
+
+"""
+    LANES
+
+Nets per lane block: 8, two 256-bit vectors of Float64 (fewer ran no faster per net than
+one net alone, 16 no faster than 8; benchmarks/julia_bench.jl, AMD EPYC, AVX2 code).
+"""
+const LANES = 8
+
+"""
+    BatchWorkspace{T,K}(d, M, L, N; memory = :store, derivative = false)
+
+θ and buffers of a lane block of K nets, net index first: θ `U, W (K, d, M, L)`,
+`b (K, M, L)`, states `Z (K, d, N, L+1)`, activations `S` (and `D` with `derivative`)
+`(K, M, N, Ls)` with `Ls = L` (`:store`) or 1 (`:recompute`; `derivative` for activations whose σ′ is not a function of σ), adjoint `P, Pn (K, d, N)`,
+`Tm (K, M, N)`, residuals `res (K, N)`, gradient `gU, gW, gb` like θ, and per net `E`,
+the RMS velocity `v` and a scratch `acc (K, d)`.
+"""
+struct BatchWorkspace{T<:AbstractFloat,K}
+    U::Array{T,4}
+    W::Array{T,4}
+    b::Array{T,3}
+    Z::Array{T,4}
+    S::Array{T,4}
+    D::Array{T,4}
+    P::Array{T,3}
+    Pn::Array{T,3}
+    Tm::Array{T,3}
+    res::Matrix{T}
+    acc::Matrix{T}
+    gU::Array{T,4}
+    gW::Array{T,4}
+    gb::Array{T,3}
+    E::Vector{Float64}
+    v::Vector{Float64}
+    memory::Symbol
+end
+
+function BatchWorkspace{T,K}(d::Integer, M::Integer, L::Integer, N::Integer; memory::Symbol = :store,
+                             derivative::Bool = false) where {T<:AbstractFloat,K}
+    memory in MEMORY_MODES || throw(ArgumentError("memory must be one of $(MEMORY_MODES), got $memory"))
+    Ls = memory === :store ? L : 1
+    A(dims...) = Array{T}(undef, dims...)
+    return BatchWorkspace{T,K}(A(K, d, M, L), A(K, d, M, L), A(K, M, L), A(K, d, N, L + 1), A(K, M, N, Ls),
+                               derivative ? A(K, M, N, Ls) : A(0, 0, 0, 0), A(K, d, N), A(K, d, N), A(K, M, N),
+                               A(K, N), A(K, d), A(K, d, M, L), A(K, d, M, L), A(K, M, L), zeros(K), zeros(K),
+                               memory)
+end
+
+lanes(::BatchWorkspace{T,K}) where {T,K} = K
+
+batch_fits(ws::BatchWorkspace{S}, T, d, M, L, N, memory, derivative) where {S} =
+    S === T && size(ws.U) == (lanes(ws), d, M, L) && size(ws.Z, 3) == N && ws.memory === memory &&
+    (size(ws.D, 1) > 0) == derivative
+
+# Net j's θ into lane r (and back): (d, M, L) ↔ (K, d, M, L).
+function load_lane!(ws::BatchWorkspace, r, U, W, b)
+    @inbounds for l in axes(U, 3), m in axes(U, 2)
+        for j in axes(U, 1)
+            ws.U[r, j, m, l] = U[j, m, l]
+            ws.W[r, j, m, l] = W[j, m, l]
+        end
+        ws.b[r, m, l] = b[m, l]
+    end
+    return nothing
+end
+
+function store_lane!(U, W, b, ws::BatchWorkspace, r)
+    @inbounds for l in axes(U, 3), m in axes(U, 2)
+        for j in axes(U, 1)
+            U[j, m, l] = ws.U[r, j, m, l]
+            W[j, m, l] = ws.W[r, j, m, l]
+        end
+        b[m, l] = ws.b[r, m, l]
+    end
+    return nothing
+end
+
+# Y[:, m, i] = Σ_j A[:, j, m, l] X[:, j, i, lx] for m in 1:M (one sample i; the sum over the
+# D = d rows unrolled, in registers).
+@inline function sum_rows!(Y, oy, A, l, X, ox, ::Val{K}, ::Val{D}) where {K,D}
+    M = size(A, 3)
+    oa = K * D * M * (l - 1)
+    @inbounds for m in 1:M
+        om = oa + K * D * (m - 1)
+        @simd ivdep for r in 1:K
+            s = A[om + r] * X[ox + r]
+            for j in 2:D
+                s = A[om + K * (j - 1) + r] * X[ox + K * (j - 1) + r] + s
+            end
+            Y[oy + K * (m - 1) + r] = s
+        end
+    end
+    return nothing
+end
+
+# acc[:, j] = Σ_m A[:, j, m, l] Y[:, m, i] for j in 1:D (one sample i), the sum over m in order;
+# four particles per pass over acc (the same additions, a quarter of acc's loads and stores).
+@inline function sum_particles!(acc, A, l, Y, oy, ::Val{K}, ::Val{D}) where {K,D}
+    M = size(A, 3)
+    oa = K * D * M * (l - 1)
+    @inbounds begin
+        @simd ivdep for r in 1:K
+            s = Y[oy + r]
+            for j in 1:D
+                acc[K * (j - 1) + r] = A[oa + K * (j - 1) + r] * s
+            end
+        end
+        m = 2
+        while m + 3 <= M
+            om = oa + K * D * (m - 1)
+            oym = oy + K * (m - 1)
+            @simd ivdep for r in 1:K
+                s1, s2, s3, s4 = Y[oym + r], Y[oym + K + r], Y[oym + 2K + r], Y[oym + 3K + r]
+                for j in 1:D
+                    o = om + K * (j - 1) + r
+                    acc[K * (j - 1) + r] = A[o + 3K * D] * s4 + (A[o + 2K * D] * s3 + (A[o + K * D] * s2 +
+                                           (A[o] * s1 + acc[K * (j - 1) + r])))
+                end
+            end
+            m += 4
+        end
+        while m <= M
+            om = oa + K * D * (m - 1)
+            @simd ivdep for r in 1:K
+                s = Y[oy + K * (m - 1) + r]
+                for j in 1:D
+                    acc[K * (j - 1) + r] = A[om + K * (j - 1) + r] * s + acc[K * (j - 1) + r]
+                end
+            end
+            m += 1
+        end
+    end
+    return nothing
+end
+
+# S[:, :, i, ls] = σ(Σ_j W[:, j, :, l] Z[:, j, i, l] + b[:, :, l]) for one sample i (and σ′ into
+# D), the activation as one flat loop over the K·M values.
+@inline function layer_activations!(ws::BatchWorkspace{T,K}, σ::Activation, l, ls, i, D, vd) where {T,K}
+    W, Z, S, b = ws.W, ws.Z, ws.S, ws.b
+    d, M, N = size(W, 2), size(W, 3), size(ws.Z, 3)
+    os = K * M * ((ls - 1) * N + i - 1)
+    sum_rows!(S, os, W, l, Z, K * d * ((l - 1) * N + i - 1), Val(K), vd)
+    ob = K * M * (l - 1)
+    if D === nothing
+        @inbounds @simd ivdep for k in 1:(K * M)
+            S[os + k] = value_and_derivative(σ, S[os + k] + b[ob + k])[1]
+        end
+    else
+        @inbounds @simd ivdep for k in 1:(K * M)
+            s, ds = value_and_derivative(σ, S[os + k] + b[ob + k])
+            S[os + k] = s
+            D[os + k] = ds
+        end
+    end
+    return nothing
+end
+
+# z_{l+1} = z_l + (h/M) Σ_m U[:, :, m, l] σ(q_m), for all samples, every layer.
+batch_forward!(ws::BatchWorkspace, X, σ::Activation) = batch_forward!(ws, X, σ, Val(size(ws.U, 2)))
+
+function batch_forward!(ws::BatchWorkspace{T,K}, X, σ::Activation, vd::Val{d}) where {T,K,d}
+    M, L = size(ws.U, 3), size(ws.U, 4)
+    N = size(ws.Z, 3)
+    c = T(1 / (L * M))
+    U, Z, S, acc = ws.U, ws.Z, ws.S, ws.acc
+    D = keeps_derivative(ws.memory, σ) ? ws.D : nothing
+    @inbounds for i in 1:N, j in 1:d
+        @simd ivdep for r in 1:K
+            Z[r, j, i, 1] = X[j, i]
+        end
+    end
+    for l in 1:L
+        ls = ws.memory === :store ? l : 1
+        @inbounds for i in 1:N
+            layer_activations!(ws, σ, l, ls, i, D, vd)
+            sum_particles!(acc, U, l, S, K * M * ((ls - 1) * N + i - 1), Val(K), vd)
+            oz = K * d * ((l - 1) * N + i - 1)
+            on = K * d * (l * N + i - 1)
+            @simd ivdep for k in 1:(K * d)
+                Z[on + k] = c * acc[k] + Z[oz + k]
+            end
+        end
+    end
+    return nothing
+end
+
+# Per net: Σ over the lane's entries of A (K × anything), in Float64, into out (added).
+function lane_sumsq!(out::Vector{Float64}, A::AbstractArray{T}, ::Val{K}) where {T,K}
+    n = length(A) ÷ K
+    @inbounds for k in 0:(n - 1)
+        @simd ivdep for r in 1:K
+            out[r] += Float64(A[k * K + r])^2
+        end
+    end
+    return out
+end
+
+# E of every lane (ws.E), residuals (ws.res) and p_L = r a (ws.P) from the last forward pass.
+function batch_loss!(ws::BatchWorkspace{T,K}, y, a, weight_decay) where {T,K}
+    d, M, L = size(ws.U, 2), size(ws.U, 3), size(ws.U, 4)
+    N = size(ws.Z, 3)
+    Z, res, P, E = ws.Z, ws.res, ws.P, ws.E
+    fill!(E, 0.0)
+    @inbounds for i in 1:N
+        @simd ivdep for r in 1:K
+            res[r, i] = Z[r, 1, i, L + 1] * a[1]
+        end
+        for j in 2:d
+            @simd ivdep for r in 1:K
+                res[r, i] = muladd(Z[r, j, i, L + 1], a[j], res[r, i])
+            end
+        end
+        @simd ivdep for r in 1:K
+            res[r, i] -= y[i]
+            E[r] += Float64(res[r, i])^2
+        end
+        for j in 1:d
+            @simd ivdep for r in 1:K
+                P[r, j, i] = a[j] * res[r, i]
+            end
+        end
+    end
+    E .*= 0.5 / N
+    if weight_decay != 0
+        sq = zeros(K)
+        lane_sumsq!(sq, ws.U, Val(K))
+        lane_sumsq!(sq, ws.W, Val(K))
+        lane_sumsq!(sq, ws.b, Val(K))
+        E .+= (0.5 * weight_decay / (L * M)) .* sq
+    end
+    return E
+end
+
+# The discrete adjoint, layer by layer from L to 1, one sample at a time: p_{l} = p_{l+1} +
+# (h/M) W (σ′ ⊙ Uᵀ p_{l+1}), and the sums over samples of p sᵀ, z Tᵀ and T (in sample
+# order), scaled by (h/M)/N.
+batch_adjoint!(ws::BatchWorkspace, σ::Activation) = batch_adjoint!(ws, σ, Val(size(ws.U, 2)))
+
+function batch_adjoint!(ws::BatchWorkspace{T,K}, σ::Activation, vd::Val{d}) where {T,K,d}
+    M, L = size(ws.U, 3), size(ws.U, 4)
+    N = size(ws.Z, 3)
+    c = T(1 / (L * M))
+    cg = T(1 / (L * M) / N)
+    U, W, Z, S, P, Pn, Tm = ws.U, ws.W, ws.Z, ws.S, ws.P, ws.Pn, ws.Tm
+    gU, gW, gb = ws.gU, ws.gW, ws.gb
+    recompute = ws.memory === :recompute
+    fromS = derivative_from_value(σ)
+    D = fromS ? nothing : ws.D
+    for l in L:-1:1
+        ls = recompute ? 1 : l
+        og = K * d * M * (l - 1)
+        @inbounds @simd ivdep for k in 1:(K * d * M)
+            gU[og + k] = zero(T)
+            gW[og + k] = zero(T)
+        end
+        @inbounds @simd ivdep for k in (K * M * (l - 1) + 1):(K * M * l)
+            gb[k] = zero(T)
+        end
+        @inbounds for i in 1:N
+            if l < L
+                op = K * d * (i - 1)
+                @simd ivdep for k in (op + 1):(op + K * d)
+                    P[k] = c * Pn[k] + P[k]
+                end
+            end
+            recompute && layer_activations!(ws, σ, l, 1, i, D, vd)
+            ot = K * M * (i - 1)
+            os = K * M * ((ls - 1) * N + i - 1)
+            op = K * d * (i - 1)
+            oz = K * d * ((l - 1) * N + i - 1)
+            sum_rows!(Tm, ot, U, l, P, op, Val(K), vd)
+            ob = K * M * (l - 1)
+            if fromS
+                @simd ivdep for k in 1:(K * M)
+                    t = Tm[ot + k] * derivative_of_value(σ, S[os + k])
+                    Tm[ot + k] = t
+                    gb[ob + k] += t
+                end
+            else
+                @simd ivdep for k in 1:(K * M)
+                    t = Tm[ot + k] * D[os + k]
+                    Tm[ot + k] = t
+                    gb[ob + k] += t
+                end
+            end
+            for m in 1:M
+                om = og + K * d * (m - 1)
+                @simd ivdep for r in 1:K
+                    s = S[os + K * (m - 1) + r]
+                    t = Tm[ot + K * (m - 1) + r]
+                    for j in 1:d
+                        gU[om + K * (j - 1) + r] = P[op + K * (j - 1) + r] * s + gU[om + K * (j - 1) + r]
+                        gW[om + K * (j - 1) + r] = Z[oz + K * (j - 1) + r] * t + gW[om + K * (j - 1) + r]
+                    end
+                end
+            end
+            sum_particles!(ws.acc, W, l, Tm, ot, Val(K), vd)
+            @simd ivdep for k in 1:(K * d)
+                Pn[op + k] = ws.acc[k]
+            end
+        end
+        @inbounds @simd ivdep for k in 1:(K * d * M)
+            gU[og + k] *= cg
+            gW[og + k] *= cg
+        end
+        @inbounds @simd ivdep for k in (K * M * (l - 1) + 1):(K * M * l)
+            gb[k] *= cg
+        end
+    end
+    return nothing
+end
+
+# E (ws.E), ∇E (ws.gU, gW, gb) and the RMS velocity (ws.v) of every lane at ws's θ.
+function batch_loss_and_grad!(ws::BatchWorkspace{T,K}, X, y, a, σ::Activation, weight_decay) where {T,K}
+    M, L = size(ws.U, 3), size(ws.U, 4)
+    batch_forward!(ws, X, σ)
+    batch_loss!(ws, y, a, weight_decay)
+    batch_adjoint!(ws, σ)
+    if weight_decay != 0
+        wd = T(weight_decay / (L * M))
+        ws.gU .+= wd .* ws.U
+        ws.gW .+= wd .* ws.W
+        ws.gb .+= wd .* ws.b
+    end
+    v = fill!(ws.v, 0.0)
+    lane_sumsq!(v, ws.gU, Val(K))
+    lane_sumsq!(v, ws.gW, Val(K))
+    lane_sumsq!(v, ws.gb, Val(K))
+    v .= (L * M) .* sqrt.(v ./ (L * M))
+    return nothing
+end
+
+"""
+    batch_gd!(ws, X, y, a, Δs, nsteps, σ; weight_decay, losses, norms, columns)
+
+`nsteps` GD steps of pseudo-time `Δs` for the K nets held in `ws` (θ ← θ − Δs L M ∇E per
+net); lane r's E and RMS velocity before each step and after the last go to
+`losses[:, columns[r]]`, `norms[:, columns[r]]`.
+"""
+function batch_gd!(ws::BatchWorkspace{T,K}, X, y, a, Δs::Real, nsteps::Integer, σ::Activation;
+                   weight_decay::Real, losses::AbstractMatrix{Float64}, norms::AbstractMatrix{Float64},
+                   columns) where {T,K}
+    M, L = size(ws.U, 3), size(ws.U, 4)
+    step = T(Δs * L * M)
+    for k in 0:nsteps
+        batch_loss_and_grad!(ws, X, y, a, σ, weight_decay)
+        for (r, j) in enumerate(columns)
+            losses[k + 1, j] = ws.E[r]
+            norms[k + 1, j] = ws.v[r]
+        end
+        k == nsteps && break
+        ws.U .-= step .* ws.gU
+        ws.W .-= step .* ws.gW
+        ws.b .-= step .* ws.gb
+    end
+    return nothing
+end
+
+# The output a·z_L(x_i) of lane r at the last forward pass (the sum that gave its residual).
+function lane_predictions!(out, ws::BatchWorkspace, r, a)
+    Z = ws.Z
+    Lp = size(Z, 4)
+    @inbounds for i in axes(Z, 3)
+        s = Z[r, 1, i, Lp] * a[1]
+        for j in 2:size(Z, 2)
+            s = muladd(Z[r, j, i, Lp], a[j], s)
+        end
+        out[i] = s
+    end
+    return out
+end
