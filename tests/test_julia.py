@@ -209,7 +209,7 @@ def test_exe_transport_returns_the_output_at_the_last_state(exe_backends: dict[i
     np.testing.assert_allclose(traj.prediction, model.predict(theta, prob.x, prob.a, prob.activation), rtol=1e-12)
     nets = [_problem("tanh", 5, 12, 3, 24, 0.01, "float64", seed=s)[0] for s in (3, 4)]
     batch = Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
-    key = ("float64", "tanh", float(prob.activation.eta), True)
+    key = ("float64", "tanh", float(prob.activation.eta), 3)  # a batch's warm-up is for its d
     fresh, s0 = key not in jl._warm, jl.startup_seconds  # (another test of this module may have warmed it)
     traj = jl.advance(batch, prob, 0.2, 4)
     s1 = jl.startup_seconds
@@ -303,13 +303,14 @@ def test_exe_transport_threads_float32_batches(exe_backends: dict[int, JuliaExeB
     np.testing.assert_allclose(t32.loss, w32.loss, rtol=2e-4)
     assert _rel(theta32.U, ref32.U) < 2e-4
 
-    nets = [_problem("tanh", 4, 10, 3, 20, 0.01, "float64", seed=s)[0] for s in (3, 4, 5)]
+    # 9 nets: a lane block of 8 (vectorised across the nets) and one net alone
+    nets = [_problem("tanh", 4, 10, 3, 20, 0.01, "float64", seed=s)[0] for s in range(3, 12)]
     _, prob_b = _problem("tanh", 4, 10, 3, 20, 0.01, "float64")
     batch = Particles(*(np.stack([getattr(t, v) for t in nets]) for v in "UWb"))
     ref_b = batch.copy()
     tb = jl.advance(batch, prob_b, 0.3, 150)
     wb = NumpyBackend().advance(ref_b, prob_b, 0.3, 150)
-    assert tb.loss.shape == (151, 3) == wb.loss.shape
+    assert tb.loss.shape == (151, 9) == wb.loss.shape
     np.testing.assert_allclose(tb.loss, wb.loss, rtol=1e-12)
     np.testing.assert_allclose(tb.grad_norm, wb.grad_norm, rtol=1e-12)
     assert _rel(batch.W, ref_b.W) < 1e-12

@@ -349,7 +349,7 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
             return (θ..., out...)
         end
         Us, Ws, bs, Ls, Ns, Ps = run_batch(1:B)
-        @test isa(MFRes.BLOCK_CACHE[][1], MFRes.BatchWorkspace)
+        @test MFRes.BLOCK_CACHE[][1] isa MFRes.BatchWorkspace
         worst = 0.0
         for j in 1:B  # each net against its run alone: the same to rounding
             U1, W1, b1 = copy(probs[j][1]), copy(probs[j][2]), copy(probs[j][3])
