@@ -4,10 +4,11 @@
 # iterations: too short to fill the vector units, with a reduction at the end of each.
 # Here K nets (a lane block) are laid out with the net index first, `U, W :: (K, d, M, L)`,
 # `b :: (K, M, L)`, and every loop runs over the K nets innermost, K a compile-time
-# constant: the same scalar operations as one net's own run, in a fixed order per net
-# (no sum is split across lanes), so a net's numbers do not depend on its block, its lane
-# or the thread count. They agree with a run of its own (the chunked kernels, whose sums
-# over particles are split by SIMD and BLAS) to rounding.
+# constant. Each net's sums run in a fixed order (none is split across lanes), and the
+# products use plain `*` and `+`: LLVM fuses `muladd` differently in differently shaped
+# loops, which would make a lane's bits depend on the code around it. So a net's numbers do
+# not depend on its block, its lane or the thread count; they agree with a run of its own
+# (the chunked kernels, whose sums over particles are split by SIMD and BLAS) to rounding.
 
 """
     LANES
@@ -22,9 +23,10 @@ const LANES = 8
 
 θ and buffers of a lane block of K nets, net index first: θ `U, W (K, d, M, L)`,
 `b (K, M, L)`, states `Z (K, d, N, L+1)`, activations `S` (and `D` with `derivative`)
-`(K, M, N, Ls)` with `Ls = L` (`:store`) or 1 (`:recompute`; `derivative` for activations whose σ′ is not a function of σ), adjoint `P, Pn (K, d, N)`,
-`Tm (K, M, N)`, residuals `res (K, N)`, gradient `gU, gW, gb` like θ, and per net `E`,
-the RMS velocity `v` and a scratch `acc (K, d)`.
+`(K, M, N, Ls)` with `Ls = L` (`:store`) or 1 (`:recompute`), adjoint `P, Pn (K, d, N)`,
+`Tm (K, M, N)`, outputs a·z_L `az` and residuals `res (K, N)`, gradient `gU, gW, gb` like θ, and per net `E`,
+the RMS velocity `v` and a scratch `acc (K, d)`. `derivative` is for activations whose σ′
+is not a function of σ.
 """
 struct BatchWorkspace{T<:AbstractFloat,K}
     U::Array{T,4}
@@ -36,6 +38,7 @@ struct BatchWorkspace{T<:AbstractFloat,K}
     P::Array{T,3}
     Pn::Array{T,3}
     Tm::Array{T,3}
+    az::Matrix{T}
     res::Matrix{T}
     acc::Matrix{T}
     gU::Array{T,4}
@@ -53,7 +56,7 @@ function BatchWorkspace{T,K}(d::Integer, M::Integer, L::Integer, N::Integer; mem
     A(dims...) = Array{T}(undef, dims...)
     return BatchWorkspace{T,K}(A(K, d, M, L), A(K, d, M, L), A(K, M, L), A(K, d, N, L + 1), A(K, M, N, Ls),
                                derivative ? A(K, M, N, Ls) : A(0, 0, 0, 0), A(K, d, N), A(K, d, N), A(K, M, N),
-                               A(K, N), A(K, d), A(K, d, M, L), A(K, d, M, L), A(K, M, L), zeros(K), zeros(K),
+                               A(K, N), A(K, N), A(K, d), A(K, d, M, L), A(K, d, M, L), A(K, M, L), zeros(K), zeros(K),
                                memory)
 end
 
@@ -181,7 +184,7 @@ function batch_forward!(ws::BatchWorkspace{T,K}, X, σ::Activation, vd::Val{d}) 
         end
     end
     for l in 1:L
-        ls = ws.memory === :store ? l : 1
+        ls = slot(ws, l)
         @inbounds for i in 1:N
             layer_activations!(ws, σ, l, ls, i, D, vd)
             sum_particles!(acc, U, l, S, K * M * ((ls - 1) * N + i - 1), Val(K), vd)
@@ -206,23 +209,24 @@ function lane_sumsq!(out::Vector{Float64}, A::AbstractArray{T}, ::Val{K}) where 
     return out
 end
 
-# E of every lane (ws.E), residuals (ws.res) and p_L = r a (ws.P) from the last forward pass.
+# E of every lane (ws.E), outputs (ws.az), residuals (ws.res) and p_L = r a (ws.P) from the last
+# forward pass.
 function batch_loss!(ws::BatchWorkspace{T,K}, y, a, weight_decay) where {T,K}
     d, M, L = size(ws.U, 2), size(ws.U, 3), size(ws.U, 4)
     N = size(ws.Z, 3)
-    Z, res, P, E = ws.Z, ws.res, ws.P, ws.E
+    Z, az, res, P, E = ws.Z, ws.az, ws.res, ws.P, ws.E
     fill!(E, 0.0)
     @inbounds for i in 1:N
         @simd ivdep for r in 1:K
-            res[r, i] = Z[r, 1, i, L + 1] * a[1]
+            az[r, i] = Z[r, 1, i, L + 1] * a[1]
         end
         for j in 2:d
             @simd ivdep for r in 1:K
-                res[r, i] = muladd(Z[r, j, i, L + 1], a[j], res[r, i])
+                az[r, i] = muladd(Z[r, j, i, L + 1], a[j], az[r, i])
             end
         end
         @simd ivdep for r in 1:K
-            res[r, i] -= y[i]
+            res[r, i] = az[r, i] - y[i]
             E[r] += Float64(res[r, i])^2
         end
         for j in 1:d
@@ -258,7 +262,7 @@ function batch_adjoint!(ws::BatchWorkspace{T,K}, σ::Activation, vd::Val{d}) whe
     fromS = derivative_from_value(σ)
     D = fromS ? nothing : ws.D
     for l in L:-1:1
-        ls = recompute ? 1 : l
+        ls = slot(ws, l)
         og = K * d * M * (l - 1)
         @inbounds @simd ivdep for k in 1:(K * d * M)
             gU[og + k] = zero(T)
@@ -367,16 +371,5 @@ function batch_gd!(ws::BatchWorkspace{T,K}, X, y, a, Δs::Real, nsteps::Integer,
     return nothing
 end
 
-# The output a·z_L(x_i) of lane r at the last forward pass (the sum that gave its residual).
-function lane_predictions!(out, ws::BatchWorkspace, r, a)
-    Z = ws.Z
-    Lp = size(Z, 4)
-    @inbounds for i in axes(Z, 3)
-        s = Z[r, 1, i, Lp] * a[1]
-        for j in 2:size(Z, 2)
-            s = muladd(Z[r, j, i, Lp], a[j], s)
-        end
-        out[i] = s
-    end
-    return out
-end
+# The output a·z_L(x_i) of lane r at the last forward pass (the one that gave its residual).
+lane_predictions!(out, ws::BatchWorkspace, r) = copyto!(out, view(ws.az, r, :))

@@ -160,7 +160,7 @@ function advance_block!(ws::BatchWorkspace, Us, Ws, bs, js, p, out)
               norms = out.norms, columns = js)
     for (r, j) in enumerate(js)
         store_lane!(Us[j], Ws[j], bs[j], ws, r)
-        out.predictions === nothing || lane_predictions!(view(out.predictions, :, j), ws, r, p.a)
+        out.predictions === nothing || lane_predictions!(view(out.predictions, :, j), ws, r)
     end
     return nothing
 end

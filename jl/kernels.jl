@@ -83,8 +83,9 @@ function add_bias!(S::Array{T,3}, ls, b, l, cols) where {T}
     return (first_col + 1):(first_col + M * length(cols))
 end
 
-# The slot of layer l in S and D: its own in :store mode, the single one in :recompute.
-@inline slot(ws::Workspace, l) = ws.memory === :store ? l : 1
+# The slot of layer l in S and D: its own in :store mode, the single one in :recompute
+# (a Workspace or a BatchWorkspace).
+@inline slot(ws, l) = ws.memory === :store ? l : 1
 
 # Whether the forward pass keeps σ′ (only when stored and not a function of σ).
 keeps_derivative(ws::Workspace, σ::Activation) = keeps_derivative(ws.memory, σ)
