@@ -1,12 +1,13 @@
 # The chunked kernels' products (jl/products.jl) against single-threaded BLAS `mul!` on
 # the same operands, at the chunk shapes of the benchmark sizes:
 #   julia --project=. benchmarks/julia_products.jl
+# MFRES_JL_DIR: another copy of jl/ (absolute path), to compare two versions of the loops.
 # Prints, per shape (M, d, C) and product, microseconds per call (the best of 5 timed
 # loops) for BLAS and for the loops (the z += c U s line includes resetting z), their
 # ratio, and the largest difference of the results (rounding only).
 using LinearAlgebra
 using Random
-include(joinpath(@__DIR__, "..", "jl", "MFRes.jl"))
+include(get(ENV, "MFRES_JL_DIR", joinpath(@__DIR__, "..", "jl")) * "/MFRes.jl")
 
 function best_time(f, n)
     f()

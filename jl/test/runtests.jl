@@ -68,6 +68,33 @@ function random_problem(rng, d, M, L, N; T = Float64)
     return U, W, b, X, y, a
 end
 
+# References for the chunk products, summed term by term in index order. Functions, not
+# loops in a test set's body: there `muladd` gave unfused sums (Julia 1.5.3, nested test
+# sets), unlike the compiled kernels.
+function inorder_tall(At, Z)
+    Y = zeros(size(At, 1), size(Z, 2))
+    for i in axes(Z, 2), m in axes(At, 1)
+        s = At[m, 1] * Z[1, i]
+        for j in 2:size(Z, 1)
+            s = muladd(At[m, j], Z[j, i], s)
+        end
+        Y[m, i] = s
+    end
+    return Y
+end
+
+function inorder_outer(X, Z)
+    G = zeros(size(X, 1), size(Z, 1))
+    for j in axes(Z, 1), m in axes(X, 1)
+        s = 0.0
+        for i in axes(Z, 2)
+            s = muladd(X[m, i], Z[j, i], s)
+        end
+        G[m, j] = s
+    end
+    return G
+end
+
 relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
 
 @testset "MFRes kernels" begin
@@ -302,6 +329,22 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
             ndiff += x1 != x2
         end
         println("thread-count check: $(Threads.nthreads()) threads vs $other, $ndiff arrays differ in any bit")
+    end
+
+    @testset "chunk products = in-order scalar loops and BLAS (M=$M, d=$d, C=$C)" for M in (1, 5, 33, 64),
+                                                                                     d in (1, 3, 4, 5, 6, 16),
+                                                                                     C in (1, 3, 7, 8, 63)
+        rng = MersenneTwister(M + 100d + 10000C)
+        At, Z, X = randn(rng, M, d), randn(rng, d, C), randn(rng, M, C)
+        # Y = At Z and G = X Zᵀ: each element summed in index order, first term a plain product
+        Y, G = MFRes.mul_tall!(zeros(M, C), At, Z), MFRes.mul_outer!(fill(NaN, M, d), X, Z)
+        @test Y == inorder_tall(At, Z)
+        @test G == inorder_outer(X, Z)
+        # Y = β Y + α Atᵀ X: the sums over m vectorised, so equal to rounding
+        Y0 = randn(rng, d, C)
+        tol = 16 * M * eps() * (norm(At) * norm(X) + norm(Y0))
+        @test norm(MFRes.mul_short!(copy(Y0), At, X, 0.7, -0.3) - (-0.3 .* Y0 .+ 0.7 .* (At' * X))) <= tol
+        @test norm(MFRes.mul_short!(fill(NaN, d, C), At, X, 0.7, 0.0) - 0.7 .* (At' * X)) <= tol
     end
 
     @testset "bridge entry points" begin
