@@ -584,7 +584,8 @@ def test_blas_kernels_chosen_for_the_cpu_reach_the_child(julia: str, monkeypatch
 def test_a_julia_that_does_not_know_the_cpu_gets_a_named_target(julia: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Where Julia takes the CPU for "generic", its code generator is told a CPU that the flags admit
-    (haswell for AVX2 and FMA, sandybridge for AVX), and the child reports the target it runs with;
+    (skylake-avx512 for Skylake-X's AVX-512 subsets, haswell for AVX2 and FMA, sandybridge for AVX),
+    and the child reports the target it runs with;
     a Julia that knows the CPU keeps its own choice; MFRES_JULIA_CPU_TARGET decides instead."""
     from mfres.backends import julia_exe
 
@@ -592,6 +593,8 @@ def test_a_julia_that_does_not_know_the_cpu_gets_a_named_target(julia: str,
     avx2 = {"avx", "avx2", "fma", "sse4_2"}
     monkeypatch.setattr(julia_exe, "julia_cpu_name", lambda exe: "generic")
     assert julia_exe.cpu_target_option("j", avx2) == ["-C", "haswell"]
+    assert julia_exe.cpu_target_option("j", avx2 | julia_exe.SKYLAKEX_FLAGS) == ["-C", "skylake-avx512"]
+    assert julia_exe.cpu_target_option("j", avx2 | {"avx512f", "avx512cd"}) == ["-C", "haswell"]
     assert julia_exe.cpu_target_option("j", {"avx", "sse4_2"}) == ["-C", "sandybridge"]
     assert julia_exe.cpu_target_option("j", {"sse4_2"}) == []
     monkeypatch.setattr(julia_exe, "julia_cpu_name", lambda exe: "znver2")

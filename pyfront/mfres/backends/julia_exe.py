@@ -39,7 +39,7 @@ import numpy as np
 from ..children import array_offsets, map_arrays, pdeathsig, popen, shm_dir
 from ..errors import BackendError
 from ..model import Particles
-from . import Problem, Trajectory, blas_environment, kernel_memory
+from . import SKYLAKEX_FLAGS, Problem, Trajectory, blas_environment, kernel_memory
 
 MIN_VERSION = (1, 5, 0)
 POLL_SECONDS = 0.2
@@ -105,11 +105,13 @@ def cpu_target_option(exe: str, flags: set[str] | None = None) -> list[str]:
 
     A Julia older than the CPU (Julia 1.5.3 on an AMD Zen 4) names it "generic" and, although
     it still uses the CPU's vector extensions, tunes its code for no CPU: on that Zen 4 the
-    small size's step ran 2–2.5x slower than with ``-C haswell``, the other sizes alike
-    (measured: ``benchmarks/julia_bench.jl``). There mfres names "haswell" (AVX2 and FMA)
-    or "sandybridge" (AVX). Julia turns off any feature of the named CPU that this one
-    lacks. ``MFRES_JULIA_CPU_TARGET`` decides instead ("native", in any case: Julia's own
-    choice)."""
+    small size's step ran 2–2.5x slower than with ``-C haswell``. There mfres names a CPU
+    that the flags admit: "skylake-avx512" where the CPU has Skylake-X's AVX-512 subsets
+    (``SKYLAKEX_FLAGS``; on that Zen 4 the large size's step 0.71–0.85x of its time with
+    haswell code, the others alike within the noise, ``benchmarks/julia_bench.jl``), else
+    "haswell" (AVX2 and FMA) or "sandybridge" (AVX). Julia turns off any feature of the
+    named CPU that this one lacks. ``MFRES_JULIA_CPU_TARGET`` decides instead ("native", in
+    any case: Julia's own choice)."""
     from . import cpu_flags
 
     chosen = os.environ.get(CPU_TARGET_VARIABLE, "").strip()
@@ -118,6 +120,8 @@ def cpu_target_option(exe: str, flags: set[str] | None = None) -> list[str]:
     if julia_cpu_name(exe) != "generic":
         return []
     flags = cpu_flags() if flags is None else flags
+    if SKYLAKEX_FLAGS <= flags:
+        return ["-C", "skylake-avx512"]
     if {"avx2", "fma"} <= flags:
         return ["-C", "haswell"]
     if "avx" in flags:
