@@ -434,7 +434,8 @@ RUN = ["--depth", "4", "--width", "10", "--dim", "3", "--samples", "30", "--ds",
 @pytest.mark.slow  # mfres processes, each compiling the kernels once
 def test_cli_simulate_and_resume_through_julia(julia: str, tmp_path: Path) -> None:
     """`mfres simulate --backend julia` (Julia child, 2 threads) and its --resume write the run
-    file that the NumPy backend writes, step for step."""
+    file that the NumPy backend writes, step for step: the snapshots (θ and the output, written
+    while the next chunk runs in the child) included."""
     import mfres
 
     ref = tmp_path / "numpy.nc"
@@ -451,9 +452,9 @@ def test_cli_simulate_and_resume_through_julia(julia: str, tmp_path: Path) -> No
         assert j.attrs["backend"] == "julia" and j.attrs["status"] == "finished"
         np.testing.assert_allclose(j["loss"].values, n["loss"].values, rtol=1e-12)
         assert j["loss"].shape == (81,)
-        for v in ("U", "W", "b"):
-            if v in j:
-                np.testing.assert_allclose(j[v].values, n[v].values, rtol=1e-10, atol=1e-13)
+        assert list(j["snapshot_step"].values) == [0, 20, 40, 60, 80]
+        for v in ("U", "W", "b", "prediction"):
+            np.testing.assert_allclose(j[v].values, n[v].values, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.slow  # its own child, compiling the kernels

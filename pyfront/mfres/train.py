@@ -234,23 +234,32 @@ def run(config: RunConfig, out: str, *, backend: Backend | None = None, command:
     return result
 
 
+def _prediction(theta: Particles, problem: Problem, traj: Trajectory | None) -> np.ndarray:
+    """The net's output at θ: from the backend's last forward pass when ``traj`` ended at θ."""
+    if traj is not None and traj.prediction is not None:
+        return np.array(traj.prediction)
+    with np.errstate(all="ignore"):
+        return model.predict(theta, problem.x, problem.a, problem.activation)
+
+
 def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem, traj: Trajectory | None) -> None:
-    """Snapshot θ with the net's output: from the backend's last forward pass when ``traj`` ended at θ."""
-    pred = None if traj is None else traj.prediction
-    if pred is None:
-        with np.errstate(all="ignore"):
-            pred = model.predict(theta, problem.x, problem.a, problem.activation)
-    writer.write_snapshot(step, theta, pred)
+    """Snapshot θ with the net's output (``_prediction``)."""
+    writer.write_snapshot(step, theta, _prediction(theta, problem, traj))
 
 
-def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, last: int) -> Callable[[], None] | None:
-    """What the writer does while the backend runs the next chunk: the durable point at ``step``
-    (``commit``), then, before the run's ``last`` steps (0: not the last chunk), the draft of the
-    final file, which leaves only those steps and the last snapshot to the end of the run."""
-    if not commit and not last:
+def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, last: int,
+               snapshot: np.ndarray | None) -> Callable[[], None] | None:
+    """What the writer does while the backend runs the next chunk from θ at ``step``: the
+    snapshot of θ owed from the last chunk (``snapshot``: the net's output there), the durable
+    point (``commit``), then, before the run's ``last`` steps (0: not the last chunk), the draft
+    of the final file, which leaves only those steps and the last snapshot to the end of the
+    run. The file receives them in the order it would without a chunk running."""
+    if snapshot is None and not commit and not last:
         return None
 
     def work() -> None:
+        if snapshot is not None:
+            writer.write_snapshot(step, theta, snapshot)
         if commit:
             writer.commit(step, theta)
         if last:
@@ -290,13 +299,18 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
     # boundary. A run that stops first publishes everything anyway.
     owed = writer.start_state is None
     chunk, last_loss, rate = 1, e0 if step == 0 else float("nan"), 0.0
+    # A snapshot at a chunk boundary before the run's end is written with the next chunk, like
+    # a durable point (at the default size it took 5-10 % of a Julia run written in between).
+    snapshot: np.ndarray | None = None
     while True:
         if stop.signal is not None or step == steps:
             break
         n = min(chunk, steps - step, every - step % every)
         start_theta = theta.copy()
         now = owed and (rate > 0 or not backend.overlaps)
-        meanwhile = _meanwhile(writer, step, start_theta, now, n if backend.overlaps and step + n == steps else 0)
+        meanwhile = _meanwhile(writer, step, start_theta, now, n if backend.overlaps and step + n == steps else 0,
+                               snapshot)
+        snapshot = None
         try:
             traj, elapsed = clock.chunk(backend, theta, problem, config.ds, n, meanwhile)
         except BaseException:
@@ -315,10 +329,14 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         chunk = int(np.clip(rate * CHUNK_SECONDS, 1, MAX_CHUNK))
         if progress is not None:
             progress(step, steps, last_loss, rate)
-        if step == steps or step % every == 0:
+        if step == steps:
             _snapshot(writer, step, theta, problem, traj)
+        elif step % every == 0:
+            snapshot = _prediction(theta, problem, traj)
         if step < steps and stop.signal is None and writer.due():
             owed = True
+    if snapshot is not None:  # stopped at a boundary: no next chunk to carry it
+        writer.write_snapshot(step, theta, snapshot)
     if step == steps and stop.signal is None:
         status, msg = "finished", ""
     else:
