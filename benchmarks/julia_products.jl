@@ -7,7 +7,7 @@
 # ratio, and the largest difference of the results (rounding only).
 using LinearAlgebra
 using Random
-include(get(ENV, "MFRES_JL_DIR", joinpath(@__DIR__, "..", "jl")) * "/MFRes.jl")
+include(joinpath(get(ENV, "MFRES_JL_DIR", joinpath(@__DIR__, "..", "jl")), "MFRes.jl"))
 
 function best_time(f, n)
     f()

@@ -40,6 +40,26 @@ end
 # The 4 entries Z[j:j+3, i] (Z with d rows, linearly indexed).
 @inline col4(Z, d, j, i) = (o = d * (i - 1) + j; @inbounds (Z[o], Z[o + 1], Z[o + 2], Z[o + 3]))
 
+# The tiling of `mul_tall!` and `mul_outer!`: `tile!(i, j)` for every tile of samples i:i+3
+# and rows j:j+3, `row!(i, j)` for the rows left over (d not a multiple of 4), j in order
+# within each group of samples; returns the first sample left to the caller (C not a
+# multiple of 4).
+@inline function each_tile4(tile!, row!, C, d)
+    i = 1
+    while i + 3 <= C
+        j = 1
+        while j + 3 <= d
+            tile!(i, j)
+            j += 4
+        end
+        for jj in j:d
+            row!(i, jj)
+        end
+        i += 4
+    end
+    return i
+end
+
 """
     mul_tall!(Y, At, Z)
 
@@ -49,18 +69,7 @@ element summed over j in order.
 function mul_tall!(Y, At, Z)
     M, d = size(At, 1), size(At, 2)
     C = size(Z, 2)
-    i = 1
-    while i + 3 <= C
-        j = 1
-        while j + 3 <= d
-            tall_tile!(Y, At, Z, M, d, i, j)
-            j += 4
-        end
-        for jj in j:d
-            tall_row!(Y, At, Z, M, d, i, jj)
-        end
-        i += 4
-    end
+    i = each_tile4((i, j) -> tall_tile!(Y, At, Z, M, d, i, j), (i, j) -> tall_row!(Y, At, Z, M, d, i, j), C, d)
     @inbounds for ii in i:C, j in 1:d  # the last samples, one at a time
         a, oy, oa = Z[d * (ii - 1) + j], M * (ii - 1), M * (j - 1)
         @simd ivdep for m in 1:M
@@ -181,18 +190,7 @@ function mul_outer!(G, X, Z)
     M, d = size(X, 1), size(Z, 1)
     C = size(X, 2)
     fill!(G, zero(eltype(G)))
-    i = 1
-    while i + 3 <= C
-        j = 1
-        while j + 3 <= d
-            outer_tile!(G, X, Z, M, d, i, j)
-            j += 4
-        end
-        for jj in j:d
-            outer_row!(G, X, Z, M, d, i, jj)
-        end
-        i += 4
-    end
+    i = each_tile4((i, j) -> outer_tile!(G, X, Z, M, d, i, j), (i, j) -> outer_row!(G, X, Z, M, d, i, j), C, d)
     @inbounds for ii in i:C, j in 1:d
         axpy_at!(G, M * (j - 1), Z[d * (ii - 1) + j], X, M * (ii - 1), M)
     end

@@ -68,31 +68,19 @@ function random_problem(rng, d, M, L, N; T = Float64)
     return U, W, b, X, y, a
 end
 
-# References for the chunk products, summed term by term in index order. Functions, not
-# loops in a test set's body: there `muladd` gave unfused sums (Julia 1.5.3, nested test
-# sets), unlike the compiled kernels.
-function inorder_tall(At, Z)
-    Y = zeros(size(At, 1), size(Z, 2))
-    for i in axes(Z, 2), m in axes(At, 1)
-        s = At[m, 1] * Z[1, i]
-        for j in 2:size(Z, 1)
-            s = muladd(At[m, j], Z[j, i], s)
+# The reference for `mul_tall!` (Y = At Z) and `mul_outer!` (G = X Zᵀ = X (Zᵀ)): each
+# element summed term by term in index order. A function, not loops in a test set's body:
+# there `muladd` gave unfused sums (Julia 1.5.3, nested test sets), unlike the kernels.
+function inorder_product(A, B)
+    Y = zeros(size(A, 1), size(B, 2))
+    for i in axes(B, 2), m in axes(A, 1)
+        s = A[m, 1] * B[1, i]
+        for j in 2:size(B, 1)
+            s = muladd(A[m, j], B[j, i], s)
         end
         Y[m, i] = s
     end
     return Y
-end
-
-function inorder_outer(X, Z)
-    G = zeros(size(X, 1), size(Z, 1))
-    for j in axes(Z, 1), m in axes(X, 1)
-        s = 0.0
-        for i in axes(Z, 2)
-            s = muladd(X[m, i], Z[j, i], s)
-        end
-        G[m, j] = s
-    end
-    return G
 end
 
 relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
@@ -338,8 +326,8 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         At, Z, X = randn(rng, M, d), randn(rng, d, C), randn(rng, M, C)
         # Y = At Z and G = X Zᵀ: each element summed in index order, first term a plain product
         Y, G = MFRes.mul_tall!(zeros(M, C), At, Z), MFRes.mul_outer!(fill(NaN, M, d), X, Z)
-        @test Y == inorder_tall(At, Z)
-        @test G == inorder_outer(X, Z)
+        @test Y == inorder_product(At, Z)
+        @test G == inorder_product(X, permutedims(Z))  # mul_outer!'s first term, muladd(x, z, 0), is x z too
         # Y = β Y + α Atᵀ X: the sums over m vectorised, so equal to rounding
         Y0 = randn(rng, d, C)
         tol = 16 * M * eps() * (norm(At) * norm(X) + norm(Y0))
