@@ -246,6 +246,51 @@ function batch_loss!(ws::BatchWorkspace{T,K}, y, a, weight_decay) where {T,K}
     return E
 end
 
+# Samples per tile in batch_adjoint!.
+const TILE = 4
+
+# gU[:, :, m, l] += p sᵀ and gW[:, :, m, l] += z Tᵀ of one sample (offsets op, oz, os, ot).
+@inline function add_outer!(gU, gW, og, P, Z, S, Tm, op, oz, os, ot, M, ::Val{K}, ::Val{D}) where {K,D}
+    @inbounds for m in 1:M
+        om = og + K * D * (m - 1)
+        @simd ivdep for r in 1:K
+            s = S[os + K * (m - 1) + r]
+            t = Tm[ot + K * (m - 1) + r]
+            for j in 1:D
+                o = om + K * (j - 1) + r
+                gU[o] = P[op + K * (j - 1) + r] * s + gU[o]
+                gW[o] = Z[oz + K * (j - 1) + r] * t + gW[o]
+            end
+        end
+    end
+    return nothing
+end
+
+# The same for TILE = 4 consecutive samples, their terms added in sample order.
+@inline function add_outer_tile!(gU, gW, og, P, Z, S, Tm, op, oz, os, ot, M, ::Val{K}, ::Val{D}) where {K,D}
+    add_outer_tile!(gU, og, P, op, S, os, M, Val(K), Val(D))
+    add_outer_tile!(gW, og, Z, oz, Tm, ot, M, Val(K), Val(D))
+    return nothing
+end
+
+# G[:, :, m, l] += Σ_{i in tile} x_i y_iᵀ (x_i at ox + K·D·(i−1), y_i at oy + K·M·(i−1)), in order.
+@inline function add_outer_tile!(G, og, X, ox, Y, oy, M, ::Val{K}, ::Val{D}) where {K,D}
+    kd, km = K * D, K * M
+    @inbounds for m in 1:M
+        om = og + kd * (m - 1)
+        oym = oy + K * (m - 1)
+        @simd ivdep for r in 1:K
+            y1, y2, y3, y4 = Y[oym + r], Y[oym + km + r], Y[oym + 2km + r], Y[oym + 3km + r]
+            for j in 1:D
+                o = om + K * (j - 1) + r
+                q = ox + K * (j - 1) + r
+                G[o] = X[q + 3kd] * y4 + (X[q + 2kd] * y3 + (X[q + kd] * y2 + (X[q] * y1 + G[o])))
+            end
+        end
+    end
+    return nothing
+end
+
 # The discrete adjoint, layer by layer from L to 1, one sample at a time: p_{l} = p_{l+1} +
 # (h/M) W (σ′ ⊙ Uᵀ p_{l+1}), and the sums over samples of p sᵀ, z Tᵀ and T (in sample
 # order), scaled by (h/M)/N.
@@ -271,48 +316,54 @@ function batch_adjoint!(ws::BatchWorkspace{T,K}, σ::Activation, vd::Val{d}) whe
         @inbounds @simd ivdep for k in (K * M * (l - 1) + 1):(K * M * l)
             gb[k] = zero(T)
         end
-        @inbounds for i in 1:N
-            if l < L
+        # Samples in tiles of TILE: one pass over the layer's gU, gW per tile (the tile's
+        # terms added in sample order, as one sample at a time would), the rest per sample.
+        i0 = 1
+        @inbounds while i0 <= N
+            nt = min(TILE, N - i0 + 1)
+            for i in i0:(i0 + nt - 1)
                 op = K * d * (i - 1)
-                @simd ivdep for k in (op + 1):(op + K * d)
-                    P[k] = c * Pn[k] + P[k]
+                if l < L
+                    @simd ivdep for k in (op + 1):(op + K * d)
+                        P[k] = c * Pn[k] + P[k]
+                    end
                 end
-            end
-            recompute && layer_activations!(ws, σ, l, 1, i, D, vd)
-            ot = K * M * (i - 1)
-            os = K * M * ((ls - 1) * N + i - 1)
-            op = K * d * (i - 1)
-            oz = K * d * ((l - 1) * N + i - 1)
-            sum_rows!(Tm, ot, U, l, P, op, Val(K), vd)
-            ob = K * M * (l - 1)
-            if fromS
-                @simd ivdep for k in 1:(K * M)
-                    t = Tm[ot + k] * derivative_of_value(σ, S[os + k])
-                    Tm[ot + k] = t
-                    gb[ob + k] += t
-                end
-            else
-                @simd ivdep for k in 1:(K * M)
-                    t = Tm[ot + k] * D[os + k]
-                    Tm[ot + k] = t
-                    gb[ob + k] += t
-                end
-            end
-            for m in 1:M
-                om = og + K * d * (m - 1)
-                @simd ivdep for r in 1:K
-                    s = S[os + K * (m - 1) + r]
-                    t = Tm[ot + K * (m - 1) + r]
-                    for j in 1:d
-                        gU[om + K * (j - 1) + r] = P[op + K * (j - 1) + r] * s + gU[om + K * (j - 1) + r]
-                        gW[om + K * (j - 1) + r] = Z[oz + K * (j - 1) + r] * t + gW[om + K * (j - 1) + r]
+                recompute && layer_activations!(ws, σ, l, 1, i, D, vd)
+                ot = K * M * (i - 1)
+                os = K * M * ((ls - 1) * N + i - 1)
+                sum_rows!(Tm, ot, U, l, P, op, Val(K), vd)
+                ob = K * M * (l - 1)
+                if fromS
+                    @simd ivdep for k in 1:(K * M)
+                        t = Tm[ot + k] * derivative_of_value(σ, S[os + k])
+                        Tm[ot + k] = t
+                        gb[ob + k] += t
+                    end
+                else
+                    @simd ivdep for k in 1:(K * M)
+                        t = Tm[ot + k] * D[os + k]
+                        Tm[ot + k] = t
+                        gb[ob + k] += t
                     end
                 end
             end
-            sum_particles!(ws.acc, W, l, Tm, ot, Val(K), vd)
-            @simd ivdep for k in 1:(K * d)
-                Pn[op + k] = ws.acc[k]
+            if nt == TILE
+                add_outer_tile!(gU, gW, og, P, Z, S, Tm, K * d * (i0 - 1), K * d * ((l - 1) * N + i0 - 1),
+                                K * M * ((ls - 1) * N + i0 - 1), K * M * (i0 - 1), M, Val(K), vd)
+            else
+                for i in i0:(i0 + nt - 1)
+                    add_outer!(gU, gW, og, P, Z, S, Tm, K * d * (i - 1), K * d * ((l - 1) * N + i - 1),
+                               K * M * ((ls - 1) * N + i - 1), K * M * (i - 1), M, Val(K), vd)
+                end
             end
+            for i in i0:(i0 + nt - 1)
+                op = K * d * (i - 1)
+                sum_particles!(ws.acc, W, l, Tm, K * M * (i - 1), Val(K), vd)
+                @simd ivdep for k in 1:(K * d)
+                    Pn[op + k] = ws.acc[k]
+                end
+            end
+            i0 += nt
         end
         @inbounds @simd ivdep for k in 1:(K * d * M)
             gU[og + k] *= cg
