@@ -34,7 +34,7 @@ from run import (
 )
 
 # n1 ≥ 20: both runs of a difference have the default 21 snapshots (below 20 steps, one per step)
-STEPS = {"default": (500, 5500), "small": (1000, 21000), "medium": (100, 600), "large": (20, 60)}
+STEPS = {"default": (500, 5500), "small": (1000, 81000), "medium": (100, 600), "large": (20, 60)}
 KERNEL = {"default": (2000, 3), "small": (2000, 3), "medium": (30, 3), "large": (3, 3)}
 
 

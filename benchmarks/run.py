@@ -38,7 +38,9 @@ from contenders import SIZES  # noqa: E402
 THREADS = 2
 DEFAULT = (16, 64, 4, 64)  # mfres simulate's default L, M, d, N
 # (n1, n2) GD steps for step-count differencing through the product, and the snapshot interval
-PRODUCT_STEPS = {"default": (500, 5500, 250), "small": (1000, 21000, 1000), "medium": (20, 320, 20),
+# (small: 80000 steps between the two, ~2 s: the Julia start-up subtracted from each, 12-14 s
+# as the runs report it, is uncertain by ~0.1 s, 5 µs a step over 20000 steps)
+PRODUCT_STEPS = {"default": (500, 5500, 250), "small": (1000, 81000, 1000), "medium": (20, 320, 20),
                  "large": (2, 12, 2)}
 # steps of one run for the in-run split of goal 4 (the default job's 2000 at the default size).
 # A run's file costs grow with its snapshots (about 20 by default, 9 MB of weights each at
