@@ -249,31 +249,38 @@ end
 # Samples per tile in batch_adjoint!.
 const TILE = 4
 
-# gU[:, :, m, l] += p sᵀ and gW[:, :, m, l] += z Tᵀ of one sample (offsets op, oz, os, ot).
-@inline function add_outer!(gU, gW, og, P, Z, S, Tm, op, oz, os, ot, M, ::Val{K}, ::Val{D}) where {K,D}
+# gU[:, :, m, l] += Σ p sᵀ and gW[:, :, m, l] += Σ z Tᵀ over nt ≤ TILE consecutive samples
+# (op, oz, os, ot: the first one's offsets in P, Z, S, Tm), their terms added in sample order.
+@inline function add_outers!(gU, gW, og, P, Z, S, Tm, op, oz, os, ot, nt, M, vk::Val{K}, vd::Val{D}) where {K,D}
+    if nt == TILE
+        add_outer_tile!(gU, og, P, op, S, os, M, vk, vd)
+        add_outer_tile!(gW, og, Z, oz, Tm, ot, M, vk, vd)
+    else
+        for n in 0:(nt - 1)
+            add_outer!(gU, og, P, op + K * D * n, S, os + K * M * n, M, vk, vd)
+            add_outer!(gW, og, Z, oz + K * D * n, Tm, ot + K * M * n, M, vk, vd)
+        end
+    end
+    return nothing
+end
+
+# G[:, :, m, l] += x yᵀ of one sample (x at ox, y at oy).
+@inline function add_outer!(G, og, X, ox, Y, oy, M, ::Val{K}, ::Val{D}) where {K,D}
     @inbounds for m in 1:M
         om = og + K * D * (m - 1)
         @simd ivdep for r in 1:K
-            s = S[os + K * (m - 1) + r]
-            t = Tm[ot + K * (m - 1) + r]
+            y = Y[oy + K * (m - 1) + r]
             for j in 1:D
                 o = om + K * (j - 1) + r
-                gU[o] = P[op + K * (j - 1) + r] * s + gU[o]
-                gW[o] = Z[oz + K * (j - 1) + r] * t + gW[o]
+                G[o] = X[ox + K * (j - 1) + r] * y + G[o]
             end
         end
     end
     return nothing
 end
 
-# The same for TILE = 4 consecutive samples, their terms added in sample order.
-@inline function add_outer_tile!(gU, gW, og, P, Z, S, Tm, op, oz, os, ot, M, ::Val{K}, ::Val{D}) where {K,D}
-    add_outer_tile!(gU, og, P, op, S, os, M, Val(K), Val(D))
-    add_outer_tile!(gW, og, Z, oz, Tm, ot, M, Val(K), Val(D))
-    return nothing
-end
-
-# G[:, :, m, l] += Σ_{i in tile} x_i y_iᵀ (x_i at ox + K·D·(i−1), y_i at oy + K·M·(i−1)), in order.
+# G[:, :, m, l] += Σ_i x_i y_iᵀ over the TILE = 4 samples of a tile (x_i at ox + K·D·(i−1),
+# y_i at oy + K·M·(i−1)), in sample order.
 @inline function add_outer_tile!(G, og, X, ox, Y, oy, M, ::Val{K}, ::Val{D}) where {K,D}
     kd, km = K * D, K * M
     @inbounds for m in 1:M
@@ -347,15 +354,8 @@ function batch_adjoint!(ws::BatchWorkspace{T,K}, σ::Activation, vd::Val{d}) whe
                     end
                 end
             end
-            if nt == TILE
-                add_outer_tile!(gU, gW, og, P, Z, S, Tm, K * d * (i0 - 1), K * d * ((l - 1) * N + i0 - 1),
-                                K * M * ((ls - 1) * N + i0 - 1), K * M * (i0 - 1), M, Val(K), vd)
-            else
-                for i in i0:(i0 + nt - 1)
-                    add_outer!(gU, gW, og, P, Z, S, Tm, K * d * (i - 1), K * d * ((l - 1) * N + i - 1),
-                               K * M * ((ls - 1) * N + i - 1), K * M * (i - 1), M, Val(K), vd)
-                end
-            end
+            add_outers!(gU, gW, og, P, Z, S, Tm, K * d * (i0 - 1), K * d * ((l - 1) * N + i0 - 1),
+                        K * M * ((ls - 1) * N + i0 - 1), K * M * (i0 - 1), nt, M, Val(K), vd)
             for i in i0:(i0 + nt - 1)
                 op = K * d * (i - 1)
                 sum_particles!(ws.acc, W, l, Tm, K * M * (i - 1), Val(K), vd)
