@@ -24,9 +24,9 @@ const LANES = 8
 θ and buffers of a lane block of K nets, net index first: θ `U, W (K, d, M, L)`,
 `b (K, M, L)`, states `Z (K, d, N, L+1)`, activations `S` (and `D` with `derivative`)
 `(K, M, N, Ls)` with `Ls = L` (`:store`) or 1 (`:recompute`), adjoint `P, Pn (K, d, N)`,
-`Tm (K, M, N)`, outputs a·z_L `az` and residuals `res (K, N)`, gradient `gU, gW, gb` like θ, and per net `E`,
-the RMS velocity `v` and a scratch `acc (K, d)`. `derivative` is for activations whose σ′
-is not a function of σ.
+`Tm (K, M, N)`, outputs a·z_L `az` and residuals `res (K, N)`, gradient `gU, gW, gb` like θ,
+and per net `E` and the RMS velocity `v`. `derivative` is for activations whose σ′ is not
+a function of σ.
 """
 struct BatchWorkspace{T<:AbstractFloat,K}
     U::Array{T,4}
@@ -40,7 +40,6 @@ struct BatchWorkspace{T<:AbstractFloat,K}
     Tm::Array{T,3}
     az::Matrix{T}
     res::Matrix{T}
-    acc::Matrix{T}
     gU::Array{T,4}
     gW::Array{T,4}
     gb::Array{T,3}
@@ -56,7 +55,7 @@ function BatchWorkspace{T,K}(d::Integer, M::Integer, L::Integer, N::Integer; mem
     A(dims...) = Array{T}(undef, dims...)
     return BatchWorkspace{T,K}(A(K, d, M, L), A(K, d, M, L), A(K, M, L), A(K, d, N, L + 1), A(K, M, N, Ls),
                                derivative ? A(K, M, N, Ls) : A(0, 0, 0, 0), A(K, d, N), A(K, d, N), A(K, M, N),
-                               A(K, N), A(K, N), A(K, d), A(K, d, M, L), A(K, d, M, L), A(K, M, L), zeros(K), zeros(K),
+                               A(K, N), A(K, N), A(K, d, M, L), A(K, d, M, L), A(K, M, L), zeros(K), zeros(K),
                                memory)
 end
 
@@ -89,6 +88,9 @@ function store_lane!(U, W, b, ws::BatchWorkspace, r)
     return nothing
 end
 
+# Samples per tile: the tile's sums share each load of θ (batch_forward!, batch_adjoint!).
+const TILE = 4
+
 # Y[:, m, i] = Σ_j A[:, j, m, l] X[:, j, i, lx] for m in 1:M (one sample i; the sum over the
 # D = d rows unrolled, in registers).
 @inline function sum_rows!(Y, oy, A, l, X, ox, ::Val{K}, ::Val{D}) where {K,D}
@@ -107,38 +109,100 @@ end
     return nothing
 end
 
-# acc[:, j] = Σ_m A[:, j, m, l] Y[:, m, i] for j in 1:D (one sample i), the sum over m in order;
-# four particles per pass over acc (the same additions, a quarter of acc's loads and stores).
-@inline function sum_particles!(acc, A, l, Y, oy, ::Val{K}, ::Val{D}) where {K,D}
+# sum_rows! for the TILE = 4 samples of a tile at once (X_t at ox + K·D·(t−1)): each
+# A[:, :, m, l] loaded once for the four, each sum in the same order; the four sums of row m,
+# lane r go to `sink(m, r, s1, s2, s3, s4)`.
+@inline function sum_rows_tile!(sink, A, l, X, ox, ::Val{K}, ::Val{D}) where {K,D}
     M = size(A, 3)
     oa = K * D * M * (l - 1)
+    kd = K * D
+    @inbounds for m in 1:M
+        om = oa + kd * (m - 1)
+        @simd ivdep for r in 1:K
+            w = A[om + r]
+            s1, s2, s3, s4 = w * X[ox + r], w * X[ox + kd + r], w * X[ox + 2kd + r], w * X[ox + 3kd + r]
+            for j in 2:D
+                w = A[om + K * (j - 1) + r]
+                q = ox + K * (j - 1) + r
+                s1, s2, s3, s4 = w * X[q] + s1, w * X[q + kd] + s2, w * X[q + 2kd] + s3, w * X[q + 3kd] + s4
+            end
+            sink(m, r, s1, s2, s3, s4)
+        end
+    end
+    return nothing
+end
+
+# Sinks of sum_rows_tile!: Y_t[:, m] = s_t (Y_t at oy + K·M·(t−1)) ...
+struct StoreRows{T,N,K}
+    Y::Array{T,N}
+    oy::Int
+    M::Int
+end
+@inline function (k::StoreRows{T,N,K})(m, r, s1, s2, s3, s4) where {T,N,K}
+    o, km = k.oy + K * (m - 1) + r, K * k.M
+    @inbounds k.Y[o], k.Y[o + km], k.Y[o + 2km], k.Y[o + 3km] = s1, s2, s3, s4
+    return nothing
+end
+
+# ... and the adjoint's T_t = s_t ⊙ σ′ (σ′ = f(src), src the stored σ or σ′ at os), added to gb
+# in sample order.
+struct TimesDerivative{T,N,K,F}
+    Tm::Array{T,3}
+    ot::Int
+    src::Array{T,N}
+    os::Int
+    gb::Array{T,3}
+    ob::Int
+    M::Int
+    f::F
+end
+@inline function (k::TimesDerivative{T,N,K})(m, r, s1, s2, s3, s4) where {T,N,K}
+    o, km = K * (m - 1) + r, K * k.M
+    @inbounds begin
+        c = k.os + o
+        t1, t2, t3, t4 = s1 * k.f(k.src[c]), s2 * k.f(k.src[c + km]), s3 * k.f(k.src[c + 2km]), s4 * k.f(k.src[c + 3km])
+        c = k.ot + o
+        k.Tm[c], k.Tm[c + km], k.Tm[c + 2km], k.Tm[c + 3km] = t1, t2, t3, t4
+        k.gb[k.ob + o] = (((k.gb[k.ob + o] + t1) + t2) + t3) + t4
+    end
+    return nothing
+end
+
+# acc[:, j] = Σ_m A[:, j, m, l] Y[:, m, i] for j in 1:D (one sample i; acc at oc), the sum
+# over m in order; four particles per pass over acc (the same additions, a quarter of acc's
+# loads and stores).
+@inline function sum_particles!(acc, oc, A, l, Y, oy, ::Val{K}, ::Val{D}) where {K,D}
+    M = size(A, 3)
+    oa = K * D * M * (l - 1)
+    kd = K * D
     @inbounds begin
         @simd ivdep for r in 1:K
             s = Y[oy + r]
             for j in 1:D
-                acc[K * (j - 1) + r] = A[oa + K * (j - 1) + r] * s
+                acc[oc + K * (j - 1) + r] = A[oa + K * (j - 1) + r] * s
             end
         end
         m = 2
         while m + 3 <= M
-            om = oa + K * D * (m - 1)
+            om = oa + kd * (m - 1)
             oym = oy + K * (m - 1)
             @simd ivdep for r in 1:K
                 s1, s2, s3, s4 = Y[oym + r], Y[oym + K + r], Y[oym + 2K + r], Y[oym + 3K + r]
                 for j in 1:D
                     o = om + K * (j - 1) + r
-                    acc[K * (j - 1) + r] = A[o + 3K * D] * s4 + (A[o + 2K * D] * s3 + (A[o + K * D] * s2 +
-                                           (A[o] * s1 + acc[K * (j - 1) + r])))
+                    c = oc + K * (j - 1) + r
+                    acc[c] = A[o + 3kd] * s4 + (A[o + 2kd] * s3 + (A[o + kd] * s2 + (A[o] * s1 + acc[c])))
                 end
             end
             m += 4
         end
         while m <= M
-            om = oa + K * D * (m - 1)
+            om = oa + kd * (m - 1)
             @simd ivdep for r in 1:K
                 s = Y[oy + K * (m - 1) + r]
                 for j in 1:D
-                    acc[K * (j - 1) + r] = A[om + K * (j - 1) + r] * s + acc[K * (j - 1) + r]
+                    c = oc + K * (j - 1) + r
+                    acc[c] = A[om + K * (j - 1) + r] * s + acc[c]
                 end
             end
             m += 1
@@ -147,36 +211,122 @@ end
     return nothing
 end
 
-# S[:, :, i, ls] = σ(Σ_j W[:, j, :, l] Z[:, j, i, l] + b[:, :, l]) for one sample i (and σ′ into
-# D), the activation as one flat loop over the K·M values.
-@inline function layer_activations!(ws::BatchWorkspace{T,K}, σ::Activation, l, ls, i, D, vd) where {T,K}
-    W, Z, S, b = ws.W, ws.Z, ws.S, ws.b
-    d, M, N = size(W, 2), size(W, 3), size(ws.Z, 3)
-    os = K * M * ((ls - 1) * N + i - 1)
-    sum_rows!(S, os, W, l, Z, K * d * ((l - 1) * N + i - 1), Val(K), vd)
-    ob = K * M * (l - 1)
-    if D === nothing
-        @inbounds @simd ivdep for k in 1:(K * M)
-            S[os + k] = value_and_derivative(σ, S[os + k] + b[ob + k])[1]
+# sum_particles! for the TILE = 4 samples of a tile at once (acc_t at oc + K·D·(t−1), Y_t at
+# oy + K·M·(t−1)): each A[:, :, m, l] loaded once for the four, each sum in the same order;
+# two particles per pass (four, with sixteen values of Y, did not vectorise).
+@inline function sum_particles_tile!(acc, oc, A, l, Y, oy, ::Val{K}, ::Val{D}) where {K,D}
+    M = size(A, 3)
+    oa = K * D * M * (l - 1)
+    kd, km = K * D, K * M
+    @inbounds begin
+        @simd ivdep for r in 1:K
+            y1, y2, y3, y4 = Y[oy + r], Y[oy + km + r], Y[oy + 2km + r], Y[oy + 3km + r]
+            for j in 1:D
+                w = A[oa + K * (j - 1) + r]
+                c = oc + K * (j - 1) + r
+                acc[c], acc[c + kd], acc[c + 2kd], acc[c + 3kd] = w * y1, w * y2, w * y3, w * y4
+            end
         end
-    else
-        @inbounds @simd ivdep for k in 1:(K * M)
-            s, ds = value_and_derivative(σ, S[os + k] + b[ob + k])
-            S[os + k] = s
-            D[os + k] = ds
+        m = 2
+        while m + 1 <= M
+            om = oa + kd * (m - 1)
+            oym = oy + K * (m - 1)
+            @simd ivdep for r in 1:K
+                o = oym + r
+                a1, a2 = Y[o], Y[o + K]
+                b1, b2 = Y[o + km], Y[o + km + K]
+                c1, c2 = Y[o + 2km], Y[o + 2km + K]
+                d1, d2 = Y[o + 3km], Y[o + 3km + K]
+                for j in 1:D
+                    q = om + K * (j - 1) + r
+                    w1, w2 = A[q], A[q + kd]
+                    c = oc + K * (j - 1) + r
+                    acc[c] = w2 * a2 + (w1 * a1 + acc[c])
+                    acc[c + kd] = w2 * b2 + (w1 * b1 + acc[c + kd])
+                    acc[c + 2kd] = w2 * c2 + (w1 * c1 + acc[c + 2kd])
+                    acc[c + 3kd] = w2 * d2 + (w1 * d1 + acc[c + 3kd])
+                end
+            end
+            m += 2
+        end
+        while m <= M
+            om = oa + kd * (m - 1)
+            @simd ivdep for r in 1:K
+                o = oy + K * (m - 1) + r
+                y1, y2, y3, y4 = Y[o], Y[o + km], Y[o + 2km], Y[o + 3km]
+                for j in 1:D
+                    w = A[om + K * (j - 1) + r]
+                    c = oc + K * (j - 1) + r
+                    acc[c] = w * y1 + acc[c]
+                    acc[c + kd] = w * y2 + acc[c + kd]
+                    acc[c + 2kd] = w * y3 + acc[c + 2kd]
+                    acc[c + 3kd] = w * y4 + acc[c + 3kd]
+                end
+            end
+            m += 1
         end
     end
     return nothing
 end
 
-# z_{l+1} = z_l + (h/M) Σ_m U[:, :, m, l] σ(q_m), for all samples, every layer.
+# sum_rows! / sum_particles! of nt ≤ TILE consecutive samples: a whole tile at once, else one
+# sample at a time.
+@inline function rows!(Y, oy, A, l, X, ox, nt, vk::Val{K}, vd::Val{D}) where {K,D}
+    if nt == TILE
+        sum_rows_tile!(StoreRows{eltype(Y),ndims(Y),K}(Y, oy, size(A, 3)), A, l, X, ox, vk, vd)
+    else
+        for n in 0:(nt - 1)
+            sum_rows!(Y, oy + K * size(A, 3) * n, A, l, X, ox + K * D * n, vk, vd)
+        end
+    end
+    return nothing
+end
+
+@inline function particles!(acc, oc, A, l, Y, oy, nt, vk::Val{K}, vd::Val{D}) where {K,D}
+    if nt == TILE
+        sum_particles_tile!(acc, oc, A, l, Y, oy, vk, vd)
+    else
+        for n in 0:(nt - 1)
+            sum_particles!(acc, oc + K * D * n, A, l, Y, oy + K * size(A, 3) * n, vk, vd)
+        end
+    end
+    return nothing
+end
+
+# S[:, :, i, ls] = σ(Σ_j W[:, j, :, l] Z[:, j, i, l] + b[:, :, l]) for the nt ≤ TILE samples
+# i0:(i0 + nt − 1) (and σ′ into D), the activation as one flat loop over each sample's K·M values.
+@inline function layer_activations!(ws::BatchWorkspace{T,K}, σ::Activation, l, ls, i0, nt, D, vd) where {T,K}
+    W, Z, S, b = ws.W, ws.Z, ws.S, ws.b
+    d, M, N = size(W, 2), size(W, 3), size(ws.Z, 3)
+    os = K * M * ((ls - 1) * N + i0 - 1)
+    oz = K * d * ((l - 1) * N + i0 - 1)
+    rows!(S, os, W, l, Z, oz, nt, Val(K), vd)
+    ob = K * M * (l - 1)
+    for t in 0:(nt - 1)
+        ot = os + K * M * t
+        if D === nothing
+            @inbounds @simd ivdep for k in 1:(K * M)
+                S[ot + k] = value_and_derivative(σ, S[ot + k] + b[ob + k])[1]
+            end
+        else
+            @inbounds @simd ivdep for k in 1:(K * M)
+                s, ds = value_and_derivative(σ, S[ot + k] + b[ob + k])
+                S[ot + k] = s
+                D[ot + k] = ds
+            end
+        end
+    end
+    return nothing
+end
+
+# z_{l+1} = z_l + (h/M) Σ_m U[:, :, m, l] σ(q_m), for all samples (in tiles of TILE), every layer.
 batch_forward!(ws::BatchWorkspace, X, σ::Activation) = batch_forward!(ws, X, σ, Val(size(ws.U, 2)))
 
 function batch_forward!(ws::BatchWorkspace{T,K}, X, σ::Activation, vd::Val{d}) where {T,K,d}
     M, L = size(ws.U, 3), size(ws.U, 4)
     N = size(ws.Z, 3)
     c = T(1 / (L * M))
-    U, Z, S, acc = ws.U, ws.Z, ws.S, ws.acc
+    U, Z, S = ws.U, ws.Z, ws.S
     D = keeps_derivative(ws.memory, σ) ? ws.D : nothing
     @inbounds for i in 1:N, j in 1:d
         @simd ivdep for r in 1:K
@@ -185,14 +335,19 @@ function batch_forward!(ws::BatchWorkspace{T,K}, X, σ::Activation, vd::Val{d}) 
     end
     for l in 1:L
         ls = slot(ws, l)
-        @inbounds for i in 1:N
-            layer_activations!(ws, σ, l, ls, i, D, vd)
-            sum_particles!(acc, U, l, S, K * M * ((ls - 1) * N + i - 1), Val(K), vd)
-            oz = K * d * ((l - 1) * N + i - 1)
-            on = K * d * (l * N + i - 1)
-            @simd ivdep for k in 1:(K * d)
-                Z[on + k] = c * acc[k] + Z[oz + k]
+        i0 = 1
+        # the sums over particles go straight into z_{l+1}, then z_{l+1} = z_l + c·(sum)
+        @inbounds while i0 <= N
+            nt = min(TILE, N - i0 + 1)
+            layer_activations!(ws, σ, l, ls, i0, nt, D, vd)
+            os = K * M * ((ls - 1) * N + i0 - 1)
+            oz = K * d * ((l - 1) * N + i0 - 1)
+            on = K * d * (l * N + i0 - 1)
+            particles!(Z, on, U, l, S, os, nt, Val(K), vd)
+            @simd ivdep for k in 1:(K * d * nt)
+                Z[on + k] = c * Z[on + k] + Z[oz + k]
             end
+            i0 += nt
         end
     end
     return nothing
@@ -201,10 +356,21 @@ end
 # Per net: Σ over the lane's entries of A (K × anything), in Float64, into out (added).
 function lane_sumsq!(out::Vector{Float64}, A::AbstractArray{T}, ::Val{K}) where {T,K}
     n = length(A) ÷ K
-    @inbounds for k in 0:(n - 1)
+    k = 0
+    # four entries per pass over out, added in order (out is stored and reloaded once per pass)
+    @inbounds while k + 3 < n
+        @simd ivdep for r in 1:K
+            o = k * K + r
+            a1, a2, a3, a4 = Float64(A[o]), Float64(A[o + K]), Float64(A[o + 2K]), Float64(A[o + 3K])
+            out[r] = (((out[r] + a1^2) + a2^2) + a3^2) + a4^2
+        end
+        k += 4
+    end
+    @inbounds while k < n
         @simd ivdep for r in 1:K
             out[r] += Float64(A[k * K + r])^2
         end
+        k += 1
     end
     return out
 end
@@ -246,9 +412,6 @@ function batch_loss!(ws::BatchWorkspace{T,K}, y, a, weight_decay) where {T,K}
     return E
 end
 
-# Samples per tile in batch_adjoint!.
-const TILE = 4
-
 # gU[:, :, m, l] += Σ p sᵀ and gW[:, :, m, l] += Σ z Tᵀ over nt ≤ TILE consecutive samples
 # (op, oz, os, ot: the first one's offsets in P, Z, S, Tm), their terms added in sample order.
 @inline function add_outers!(gU, gW, og, P, Z, S, Tm, op, oz, os, ot, nt, M, vk::Val{K}, vd::Val{D}) where {K,D}
@@ -280,25 +443,43 @@ end
 end
 
 # G[:, :, m, l] += Σ_i x_i y_iᵀ over the TILE = 4 samples of a tile (x_i at ox + K·D·(i−1),
-# y_i at oy + K·M·(i−1)), in sample order.
+# y_i at oy + K·M·(i−1)), in sample order; two particles per pass (each load of x serves both).
 @inline function add_outer_tile!(G, og, X, ox, Y, oy, M, ::Val{K}, ::Val{D}) where {K,D}
     kd, km = K * D, K * M
-    @inbounds for m in 1:M
+    m = 1
+    @inbounds while m + 1 <= M
+        om = og + kd * (m - 1)
+        oym = oy + K * (m - 1)
+        @simd ivdep for r in 1:K
+            o = oym + r
+            y1, y2, y3, y4 = Y[o], Y[o + km], Y[o + 2km], Y[o + 3km]
+            z1, z2, z3, z4 = Y[o + K], Y[o + km + K], Y[o + 2km + K], Y[o + 3km + K]
+            for j in 1:D
+                q = ox + K * (j - 1) + r
+                x1, x2, x3, x4 = X[q], X[q + kd], X[q + 2kd], X[q + 3kd]
+                g = om + K * (j - 1) + r
+                G[g] = x4 * y4 + (x3 * y3 + (x2 * y2 + (x1 * y1 + G[g])))
+                G[g + kd] = x4 * z4 + (x3 * z3 + (x2 * z2 + (x1 * z1 + G[g + kd])))
+            end
+        end
+        m += 2
+    end
+    @inbounds if m == M
         om = og + kd * (m - 1)
         oym = oy + K * (m - 1)
         @simd ivdep for r in 1:K
             y1, y2, y3, y4 = Y[oym + r], Y[oym + km + r], Y[oym + 2km + r], Y[oym + 3km + r]
             for j in 1:D
-                o = om + K * (j - 1) + r
+                g = om + K * (j - 1) + r
                 q = ox + K * (j - 1) + r
-                G[o] = X[q + 3kd] * y4 + (X[q + 2kd] * y3 + (X[q + kd] * y2 + (X[q] * y1 + G[o])))
+                G[g] = X[q + 3kd] * y4 + (X[q + 2kd] * y3 + (X[q + kd] * y2 + (X[q] * y1 + G[g])))
             end
         end
     end
     return nothing
 end
 
-# The discrete adjoint, layer by layer from L to 1, one sample at a time: p_{l} = p_{l+1} +
+# The discrete adjoint, layer by layer from L to 1, in tiles of TILE samples: p_{l} = p_{l+1} +
 # (h/M) W (σ′ ⊙ Uᵀ p_{l+1}), and the sums over samples of p sᵀ, z Tᵀ and T (in sample
 # order), scaled by (h/M)/N.
 batch_adjoint!(ws::BatchWorkspace, σ::Activation) = batch_adjoint!(ws, σ, Val(size(ws.U, 2)))
@@ -323,46 +504,44 @@ function batch_adjoint!(ws::BatchWorkspace{T,K}, σ::Activation, vd::Val{d}) whe
         @inbounds @simd ivdep for k in (K * M * (l - 1) + 1):(K * M * l)
             gb[k] = zero(T)
         end
-        # Samples in tiles of TILE: one pass over the layer's gU, gW per tile (the tile's
-        # terms added in sample order, as one sample at a time would), the rest per sample.
+        # Each tile takes one pass over the layer's U, W, gU, gW, gb (its terms added in sample
+        # order, as one sample at a time would); the samples left over go one by one.
         i0 = 1
         @inbounds while i0 <= N
             nt = min(TILE, N - i0 + 1)
-            for i in i0:(i0 + nt - 1)
-                op = K * d * (i - 1)
-                if l < L
-                    @simd ivdep for k in (op + 1):(op + K * d)
-                        P[k] = c * Pn[k] + P[k]
-                    end
+            op, ot = K * d * (i0 - 1), K * M * (i0 - 1)
+            os = K * M * ((ls - 1) * N + i0 - 1)
+            if l < L
+                @simd ivdep for k in (op + 1):(op + K * d * nt)
+                    P[k] = c * Pn[k] + P[k]
                 end
-                recompute && layer_activations!(ws, σ, l, 1, i, D, vd)
-                ot = K * M * (i - 1)
-                os = K * M * ((ls - 1) * N + i - 1)
-                sum_rows!(Tm, ot, U, l, P, op, Val(K), vd)
-                ob = K * M * (l - 1)
-                if fromS
-                    @simd ivdep for k in 1:(K * M)
-                        t = Tm[ot + k] * derivative_of_value(σ, S[os + k])
-                        Tm[ot + k] = t
-                        gb[ob + k] += t
-                    end
-                else
-                    @simd ivdep for k in 1:(K * M)
-                        t = Tm[ot + k] * D[os + k]
-                        Tm[ot + k] = t
-                        gb[ob + k] += t
+            end
+            recompute && layer_activations!(ws, σ, l, 1, i0, nt, D, vd)
+            ob = K * M * (l - 1)
+            if nt == TILE  # T = σ′ ⊙ Uᵀp and gb as each row's sums come
+                src, f = fromS ? (S, DerivativeOfValue(σ)) : (D, identity)
+                sum_rows_tile!(TimesDerivative{T,4,K,typeof(f)}(Tm, ot, src, os, gb, ob, M, f), U, l, P, op, Val(K), vd)
+            else
+                for n in 0:(nt - 1)
+                    on, osn = ot + K * M * n, os + K * M * n
+                    sum_rows!(Tm, on, U, l, P, op + K * d * n, Val(K), vd)
+                    if fromS
+                        @simd ivdep for k in 1:(K * M)
+                            t = Tm[on + k] * derivative_of_value(σ, S[osn + k])
+                            Tm[on + k] = t
+                            gb[ob + k] += t
+                        end
+                    else
+                        @simd ivdep for k in 1:(K * M)
+                            t = Tm[on + k] * D[osn + k]
+                            Tm[on + k] = t
+                            gb[ob + k] += t
+                        end
                     end
                 end
             end
-            add_outers!(gU, gW, og, P, Z, S, Tm, K * d * (i0 - 1), K * d * ((l - 1) * N + i0 - 1),
-                        K * M * ((ls - 1) * N + i0 - 1), K * M * (i0 - 1), nt, M, Val(K), vd)
-            for i in i0:(i0 + nt - 1)
-                op = K * d * (i - 1)
-                sum_particles!(ws.acc, W, l, Tm, K * M * (i - 1), Val(K), vd)
-                @simd ivdep for k in 1:(K * d)
-                    Pn[op + k] = ws.acc[k]
-                end
-            end
+            add_outers!(gU, gW, og, P, Z, S, Tm, op, K * d * ((l - 1) * N + i0 - 1), os, ot, nt, M, Val(K), vd)
+            particles!(Pn, op, W, l, Tm, ot, nt, Val(K), vd)
             i0 += nt
         end
         @inbounds @simd ivdep for k in 1:(K * d * M)
@@ -376,6 +555,14 @@ function batch_adjoint!(ws::BatchWorkspace{T,K}, σ::Activation, vd::Val{d}) whe
     return nothing
 end
 
+# y ← y + α x entry by entry, in one flat loop (a broadcast runs over all four axes)
+function add_scaled!(y::Array{T}, α::T, x::Array{T}) where {T}
+    @inbounds @simd ivdep for k in eachindex(y, x)
+        y[k] += α * x[k]
+    end
+    return y
+end
+
 # E (ws.E), ∇E (ws.gU, gW, gb) and the RMS velocity (ws.v) of every lane at ws's θ.
 function batch_loss_and_grad!(ws::BatchWorkspace{T,K}, X, y, a, σ::Activation, weight_decay) where {T,K}
     M, L = size(ws.U, 3), size(ws.U, 4)
@@ -384,9 +571,9 @@ function batch_loss_and_grad!(ws::BatchWorkspace{T,K}, X, y, a, σ::Activation, 
     batch_adjoint!(ws, σ)
     if weight_decay != 0
         wd = T(weight_decay / (L * M))
-        ws.gU .+= wd .* ws.U
-        ws.gW .+= wd .* ws.W
-        ws.gb .+= wd .* ws.b
+        add_scaled!(ws.gU, wd, ws.U)
+        add_scaled!(ws.gW, wd, ws.W)
+        add_scaled!(ws.gb, wd, ws.b)
     end
     v = fill!(ws.v, 0.0)
     lane_sumsq!(v, ws.gU, Val(K))
@@ -415,9 +602,9 @@ function batch_gd!(ws::BatchWorkspace{T,K}, X, y, a, Δs::Real, nsteps::Integer,
             norms[k + 1, j] = ws.v[r]
         end
         k == nsteps && break
-        ws.U .-= step .* ws.gU
-        ws.W .-= step .* ws.gW
-        ws.b .-= step .* ws.gb
+        add_scaled!(ws.U, -step, ws.gU)
+        add_scaled!(ws.W, -step, ws.gW)
+        add_scaled!(ws.b, -step, ws.gb)
     end
     return nothing
 end
