@@ -306,11 +306,11 @@ end
         ot = os + K * M * t
         if D === nothing
             @inbounds @simd ivdep for k in 1:(K * M)
-                S[ot + k] = value_and_derivative(σ, S[ot + k] + b[ob + k])[1]
+                S[ot + k] = value_and_derivative(σ, S[ot + k] + b[ob + k], host_tanh)[1]
             end
         else
             @inbounds @simd ivdep for k in 1:(K * M)
-                s, ds = value_and_derivative(σ, S[ot + k] + b[ob + k])
+                s, ds = value_and_derivative(σ, S[ot + k] + b[ob + k], host_tanh)
                 S[ot + k] = s
                 D[ot + k] = ds
             end

@@ -55,7 +55,7 @@ end
 # (`ivdep`: S, D and b are distinct arrays, which lets the loops vectorise.)
 function activate!(S::Array{T,3}, D::Array{T,3}, ls, b, l, σ::Activation, cols) where {T}
     @inbounds @simd ivdep for k in add_bias!(S, ls, b, l, cols)
-        s, ds = value_and_derivative(σ, S[k])
+        s, ds = value_and_derivative(σ, S[k], host_tanh)
         S[k] = s
         D[k] = ds
     end
@@ -64,7 +64,7 @@ end
 
 function activate!(S::Array{T,3}, ::Nothing, ls, b, l, σ::Activation, cols) where {T}
     @inbounds @simd ivdep for k in add_bias!(S, ls, b, l, cols)
-        S[k] = value_and_derivative(σ, S[k])[1]
+        S[k] = value_and_derivative(σ, S[k], host_tanh)[1]
     end
     return nothing
 end

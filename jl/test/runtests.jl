@@ -196,15 +196,23 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
 
     @testset "Float64 kernels: tanh within 3 ulp of tanh" begin
         xs = [range(-25, 25; length = 40_001); 10.0 .^ range(-12, 1.4; length = 4001);
-              [0.0, 1e-300, 5e-324, 22.0, 30.0, -100.0, 0.3465735902799726, 0.34657359027997264]]
-        worst = 0.0
+              [0.0, 1e-300, 5e-324, 22.0, 30.0, -100.0, 0.3465735902799726, 0.34657359027997264];
+              # the table form's rounding points k/128 ± 1/256 and its clip at 20
+              [k / 128 + e / 256 for k in -2570:2570 for e in (-1, 1)]; prevfloat(20.0); nextfloat(20.0)]
+        worst = worst_table = 0.0
         for x in xs
             ref = tanh(big(x))
             worst = max(worst, Float64(abs(MFRes.fast_tanh(x) - ref) / eps(Float64(ref))))
+            worst_table = max(worst_table, Float64(abs(MFRes.table_tanh(x) - ref) / eps(Float64(ref))))
         end
-        println("fast_tanh(Float64): worst error $worst ulp")
-        @test worst <= 3
-        @test signbit(MFRes.fast_tanh(-0.0)) && MFRes.fast_tanh(Inf) == 1.0 && isnan(MFRes.fast_tanh(NaN))
+        println("fast_tanh(Float64): worst error $worst ulp; table_tanh: $worst_table ulp")
+        @test worst <= 3 && worst_table <= 3
+        for th in (MFRes.fast_tanh, MFRes.table_tanh)
+            @test signbit(th(-0.0)) && !signbit(th(0.0)) && th(Inf) == 1.0 && th(-Inf) == -1.0 && isnan(th(NaN))
+            @test th(-0.7) == -th(0.7) && th(20.5) == 1.0 && th(-1e6) == -1.0
+        end
+        # the CPU loops' tanh is the table form in Float64
+        @test MFRes.host_tanh(0.3) === MFRes.table_tanh(0.3) && MFRes.host_tanh(0.3f0) === MFRes.fast_tanh(0.3f0)
     end
 
     @testset "Float32 kernels: tanh within 3 ulp of tanh, never through Float64" begin
