@@ -101,13 +101,17 @@ const TANH_XMAX = 20
 const TANH_K = TANH_STEPS * TANH_XMAX
 const TANH_MAGIC = 1.5 * 2.0^52 / TANH_STEPS
 const TANH_OFFSET = reinterpret(Int64, TANH_MAGIC) - TANH_K
-# each entry correctly rounded (BigFloat at 256 bits), built when the module loads
-const TANH_TABLE = [k == 0 ? 0.0 : Float64(-tanh(BigFloat(k) / TANH_STEPS)) for k in -TANH_K:TANH_K]
+# each entry correctly rounded (BigFloat at 256 bits whatever the session's precision), built
+# when the module loads (~40 ms)
+const TANH_TABLE = setprecision(BigFloat, 256) do
+    [k == 0 ? 0.0 : Float64(-tanh(BigFloat(k) / TANH_STEPS)) for k in -TANH_K:TANH_K]
+end
 
 @inline function table_tanh(x::Float64)
     xc = clamp(x, -Float64(TANH_XMAX), Float64(TANH_XMAX))  # NaN stays NaN
     f = xc + TANH_MAGIC
-    k = clamp(reinterpret(Int64, f) - TANH_OFFSET, 0, 2 * TANH_K)  # k + K, 0-based
+    # k + K, 0-based; the clamp keeps a NaN's index (its bits) inside the table
+    k = clamp(reinterpret(Int64, f) - TANH_OFFSET, 0, 2 * TANH_K)
     u = xc - (f - TANH_MAGIC)
     n = @inbounds TANH_TABLE[k + 1]
     z = u * u

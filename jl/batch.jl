@@ -5,8 +5,8 @@
 # Here K nets (a lane block) are laid out with the net index first, `U, W :: (K, d, M, L)`,
 # `b :: (K, M, L)`, and every loop runs over the K nets innermost, K a compile-time
 # constant. Each net's sums run in a fixed order (none is split across lanes), and the
-# products use plain `*` and `+`: LLVM fuses `muladd` differently in differently shaped
-# loops, which would make a lane's bits depend on the code around it. So a net's numbers do
+# products with θ use plain `*` and `+`: LLVM fuses `muladd` differently in differently
+# shaped loops, which would make a lane's bits depend on the code around it. So a net's numbers do
 # not depend on its block, its lane or the thread count; they agree with a run of its own
 # (the chunked kernels, whose sums over particles are split by SIMD and BLAS) to rounding.
 
@@ -14,8 +14,8 @@
     LANES
 
 Nets per lane block: 8, one 512-bit or two 256-bit vectors of Float64. One GD step of a
-block at the small size, per net (min of 2×20×200, 1 thread, AMD EPYC Zen 4,
-skylake-avx512 code): 12.2 µs with 4 lanes, 10.3 with 8, 10.4 with 16.
+block at the small size, per net (the fastest of 20 timings of 200 steps, 1 thread, AMD
+EPYC Zen 4, skylake-avx512 code): 12.2 µs with 4 lanes, 10.3 with 8, 10.4 with 16.
 """
 const LANES = 8
 
@@ -90,9 +90,10 @@ function store_lane!(U, W, b, ws::BatchWorkspace, r)
 end
 
 # Samples per tile: the tile's sums share each load of θ (batch_forward!, batch_adjoint!).
+# The `*_tile!` functions and the sinks are written out for exactly four samples.
 const TILE = 4
 
-# Y[:, m, i] = Σ_j A[:, j, m, l] X[:, j, i, lx] for m in 1:M (one sample i; the sum over the
+# Y[:, m, i] = Σ_j A[:, j, m, l] X[:, j, i] for m in 1:M (one sample i; the sum over the
 # D = d rows unrolled, in registers).
 @inline function sum_rows!(Y, oy, A, l, X, ox, ::Val{K}, ::Val{D}) where {K,D}
     M = size(A, 3)
@@ -139,9 +140,9 @@ struct StoreRows{T,N,K}
     oy::Int
     M::Int
 end
-@inline function (k::StoreRows{T,N,K})(m, r, s1, s2, s3, s4) where {T,N,K}
-    o, km = k.oy + K * (m - 1) + r, K * k.M
-    @inbounds k.Y[o], k.Y[o + km], k.Y[o + 2km], k.Y[o + 3km] = s1, s2, s3, s4
+@inline function (snk::StoreRows{T,N,K})(m, r, s1, s2, s3, s4) where {T,N,K}
+    o, km = snk.oy + K * (m - 1) + r, K * snk.M
+    @inbounds snk.Y[o], snk.Y[o + km], snk.Y[o + 2km], snk.Y[o + 3km] = s1, s2, s3, s4
     return nothing
 end
 
@@ -157,14 +158,14 @@ struct TimesDerivative{T,N,K,F}
     M::Int
     f::F
 end
-@inline function (k::TimesDerivative{T,N,K})(m, r, s1, s2, s3, s4) where {T,N,K}
-    o, km = K * (m - 1) + r, K * k.M
+@inline function (snk::TimesDerivative{T,N,K})(m, r, s1, s2, s3, s4) where {T,N,K}
+    o, km = K * (m - 1) + r, K * snk.M
     @inbounds begin
-        c = k.os + o
-        t1, t2, t3, t4 = s1 * k.f(k.src[c]), s2 * k.f(k.src[c + km]), s3 * k.f(k.src[c + 2km]), s4 * k.f(k.src[c + 3km])
-        c = k.ot + o
-        k.Tm[c], k.Tm[c + km], k.Tm[c + 2km], k.Tm[c + 3km] = t1, t2, t3, t4
-        k.gb[k.ob + o] = (((k.gb[k.ob + o] + t1) + t2) + t3) + t4
+        c = snk.os + o
+        t1, t2, t3, t4 = s1 * snk.f(snk.src[c]), s2 * snk.f(snk.src[c + km]), s3 * snk.f(snk.src[c + 2km]), s4 * snk.f(snk.src[c + 3km])
+        c = snk.ot + o
+        snk.Tm[c], snk.Tm[c + km], snk.Tm[c + 2km], snk.Tm[c + 3km] = t1, t2, t3, t4
+        snk.gb[snk.ob + o] = (((snk.gb[snk.ob + o] + t1) + t2) + t3) + t4
     end
     return nothing
 end
@@ -224,8 +225,8 @@ end
             y1, y2, y3, y4 = Y[oy + r], Y[oy + km + r], Y[oy + 2km + r], Y[oy + 3km + r]
             for j in 1:D
                 w = A[oa + K * (j - 1) + r]
-                c = oc + K * (j - 1) + r
-                acc[c], acc[c + kd], acc[c + 2kd], acc[c + 3kd] = w * y1, w * y2, w * y3, w * y4
+                g = oc + K * (j - 1) + r
+                acc[g], acc[g + kd], acc[g + 2kd], acc[g + 3kd] = w * y1, w * y2, w * y3, w * y4
             end
         end
         m = 2
@@ -241,11 +242,11 @@ end
                 for j in 1:D
                     q = om + K * (j - 1) + r
                     w1, w2 = A[q], A[q + kd]
-                    c = oc + K * (j - 1) + r
-                    acc[c] = w2 * a2 + (w1 * a1 + acc[c])
-                    acc[c + kd] = w2 * b2 + (w1 * b1 + acc[c + kd])
-                    acc[c + 2kd] = w2 * c2 + (w1 * c1 + acc[c + 2kd])
-                    acc[c + 3kd] = w2 * d2 + (w1 * d1 + acc[c + 3kd])
+                    g = oc + K * (j - 1) + r
+                    acc[g] = w2 * a2 + (w1 * a1 + acc[g])
+                    acc[g + kd] = w2 * b2 + (w1 * b1 + acc[g + kd])
+                    acc[g + 2kd] = w2 * c2 + (w1 * c1 + acc[g + 2kd])
+                    acc[g + 3kd] = w2 * d2 + (w1 * d1 + acc[g + 3kd])
                 end
             end
             m += 2
@@ -257,11 +258,11 @@ end
                 y1, y2, y3, y4 = Y[o], Y[o + km], Y[o + 2km], Y[o + 3km]
                 for j in 1:D
                     w = A[om + K * (j - 1) + r]
-                    c = oc + K * (j - 1) + r
-                    acc[c] = w * y1 + acc[c]
-                    acc[c + kd] = w * y2 + acc[c + kd]
-                    acc[c + 2kd] = w * y3 + acc[c + 2kd]
-                    acc[c + 3kd] = w * y4 + acc[c + 3kd]
+                    g = oc + K * (j - 1) + r
+                    acc[g] = w * y1 + acc[g]
+                    acc[g + kd] = w * y2 + acc[g + kd]
+                    acc[g + 2kd] = w * y3 + acc[g + 2kd]
+                    acc[g + 3kd] = w * y4 + acc[g + 3kd]
                 end
             end
             m += 1
@@ -272,7 +273,7 @@ end
 
 # sum_rows! / sum_particles! of nt ≤ TILE consecutive samples: a whole tile at once, else one
 # sample at a time.
-@inline function rows!(Y, oy, A, l, X, ox, nt, vk::Val{K}, vd::Val{D}) where {K,D}
+@inline function sum_rows_n!(Y, oy, A, l, X, ox, nt, vk::Val{K}, vd::Val{D}) where {K,D}
     if nt == TILE
         sum_rows_tile!(StoreRows{eltype(Y),ndims(Y),K}(Y, oy, size(A, 3)), A, l, X, ox, vk, vd)
     else
@@ -283,7 +284,7 @@ end
     return nothing
 end
 
-@inline function particles!(acc, oc, A, l, Y, oy, nt, vk::Val{K}, vd::Val{D}) where {K,D}
+@inline function sum_particles_n!(acc, oc, A, l, Y, oy, nt, vk::Val{K}, vd::Val{D}) where {K,D}
     if nt == TILE
         sum_particles_tile!(acc, oc, A, l, Y, oy, vk, vd)
     else
@@ -301,7 +302,7 @@ end
     d, M, N = size(W, 2), size(W, 3), size(ws.Z, 3)
     os = K * M * ((ls - 1) * N + i0 - 1)
     oz = K * d * ((l - 1) * N + i0 - 1)
-    rows!(S, os, W, l, Z, oz, nt, Val(K), vd)
+    sum_rows_n!(S, os, W, l, Z, oz, nt, Val(K), vd)
     ob = K * M * (l - 1)
     for t in 0:(nt - 1)
         ot = os + K * M * t
@@ -344,7 +345,7 @@ function batch_forward!(ws::BatchWorkspace{T,K}, X, σ::Activation, vd::Val{d}) 
             os = K * M * ((ls - 1) * N + i0 - 1)
             oz = K * d * ((l - 1) * N + i0 - 1)
             on = K * d * (l * N + i0 - 1)
-            particles!(Z, on, U, l, S, os, nt, Val(K), vd)
+            sum_particles_n!(Z, on, U, l, S, os, nt, Val(K), vd)
             @simd ivdep for k in 1:(K * d * nt)
                 Z[on + k] = c * Z[on + k] + Z[oz + k]
             end
@@ -453,14 +454,14 @@ end
         oym = oy + K * (m - 1)
         @simd ivdep for r in 1:K
             o = oym + r
-            y1, y2, y3, y4 = Y[o], Y[o + km], Y[o + 2km], Y[o + 3km]
-            z1, z2, z3, z4 = Y[o + K], Y[o + km + K], Y[o + 2km + K], Y[o + 3km + K]
+            y1, y2, y3, y4 = Y[o], Y[o + km], Y[o + 2km], Y[o + 3km]  # particle m
+            v1, v2, v3, v4 = Y[o + K], Y[o + km + K], Y[o + 2km + K], Y[o + 3km + K]  # and m + 1
             for j in 1:D
                 q = ox + K * (j - 1) + r
                 x1, x2, x3, x4 = X[q], X[q + kd], X[q + 2kd], X[q + 3kd]
                 g = om + K * (j - 1) + r
                 G[g] = x4 * y4 + (x3 * y3 + (x2 * y2 + (x1 * y1 + G[g])))
-                G[g + kd] = x4 * z4 + (x3 * z3 + (x2 * z2 + (x1 * z1 + G[g + kd])))
+                G[g + kd] = x4 * v4 + (x3 * v3 + (x2 * v2 + (x1 * v1 + G[g + kd])))
             end
         end
         m += 2
@@ -495,6 +496,7 @@ function batch_adjoint!(ws::BatchWorkspace{T,K}, σ::Activation, vd::Val{d}) whe
     recompute = ws.memory === :recompute
     fromS = derivative_from_value(σ)
     D = fromS ? nothing : ws.D
+    src, f = fromS ? (S, DerivativeOfValue(σ)) : (D, identity)  # σ′ = f(src)
     for l in L:-1:1
         ls = slot(ws, l)
         og = K * d * M * (l - 1)
@@ -520,29 +522,21 @@ function batch_adjoint!(ws::BatchWorkspace{T,K}, σ::Activation, vd::Val{d}) whe
             recompute && layer_activations!(ws, σ, l, 1, i0, nt, D, vd)
             ob = K * M * (l - 1)
             if nt == TILE  # T = σ′ ⊙ Uᵀp and gb as each row's sums come
-                src, f = fromS ? (S, DerivativeOfValue(σ)) : (D, identity)
-                sum_rows_tile!(TimesDerivative{T,4,K,typeof(f)}(Tm, ot, src, os, gb, ob, M, f), U, l, P, op, Val(K), vd)
+                sink = TimesDerivative{T,ndims(src),K,typeof(f)}(Tm, ot, src, os, gb, ob, M, f)
+                sum_rows_tile!(sink, U, l, P, op, Val(K), vd)
             else
                 for n in 0:(nt - 1)
                     on, osn = ot + K * M * n, os + K * M * n
                     sum_rows!(Tm, on, U, l, P, op + K * d * n, Val(K), vd)
-                    if fromS
-                        @simd ivdep for k in 1:(K * M)
-                            t = Tm[on + k] * derivative_of_value(σ, S[osn + k])
-                            Tm[on + k] = t
-                            gb[ob + k] += t
-                        end
-                    else
-                        @simd ivdep for k in 1:(K * M)
-                            t = Tm[on + k] * D[osn + k]
-                            Tm[on + k] = t
-                            gb[ob + k] += t
-                        end
+                    @simd ivdep for k in 1:(K * M)
+                        t = Tm[on + k] * f(src[osn + k])
+                        Tm[on + k] = t
+                        gb[ob + k] += t
                     end
                 end
             end
             add_outers!(gU, gW, og, P, Z, S, Tm, op, K * d * ((l - 1) * N + i0 - 1), os, ot, nt, M, Val(K), vd)
-            particles!(Pn, op, W, l, Tm, ot, nt, Val(K), vd)
+            sum_particles_n!(Pn, op, W, l, Tm, ot, nt, Val(K), vd)
             i0 += nt
         end
         @inbounds @simd ivdep for k in 1:(K * d * M)

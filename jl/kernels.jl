@@ -1,6 +1,6 @@
 # Forward pass, loss and discrete adjoint on a Workspace (docs/model.md, section 2, the discrete adjoint).
 #
-# Two paths compute the same numbers:
+# Two paths compute the same numbers (to rounding: the CPU's tanh is its own, see activations.jl):
 # - chunked (CPU `Array`s, `ws.threaded`): the samples are cut into fixed chunks
 #   (`chunk_size`, from N, M and d only). The forward pass takes a chunk through all L
 #   layers in one go (samples are independent), the adjoint does one layer at a time

@@ -411,6 +411,53 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         end
     end
 
+    @testset "lane blocks: a tile of four samples gives the bits of four samples one by one (d = $d, M = $M)" for
+            (d, M) in ((1, 1), (1, 6), (3, 5), (4, 8), (2, 7))
+        K, L, l = MFRes.LANES, 2, 2
+        rng = MersenneTwister(7 + 10d + M)
+        A = randn(rng, K, d, M, L)
+        X = randn(rng, K, d, 4)  # four samples' d-side vectors (z or p)
+        Y = randn(rng, K, M, 4)  # and their M-side ones (σ or T)
+        vk, vd = Val(K), Val(d)
+        R1, R4 = zeros(K, M, 4), zeros(K, M, 4)
+        for n in 0:3
+            MFRes.sum_rows!(R1, K * M * n, A, l, X, K * d * n, vk, vd)
+        end
+        MFRes.sum_rows_n!(R4, 0, A, l, X, 0, 4, vk, vd)
+        @test R4 == R1
+        Q1, Q4 = zeros(K, d, 4), zeros(K, d, 4)
+        for n in 0:3
+            MFRes.sum_particles!(Q1, K * d * n, A, l, Y, K * M * n, vk, vd)
+        end
+        MFRes.sum_particles_n!(Q4, 0, A, l, Y, 0, 4, vk, vd)
+        @test Q4 == Q1
+        og = K * d * M * (l - 1)
+        G1 = randn(rng, K, d, M, L)
+        G4 = copy(G1)
+        for n in 0:3
+            MFRes.add_outer!(G1, og, X, K * d * n, Y, K * M * n, M, vk, vd)
+        end
+        MFRes.add_outer_tile!(G4, og, X, 0, Y, 0, M, vk, vd)
+        @test G4 == G1
+        # the adjoint's T = σ′(s) ⊙ Uᵀp and gb += T, sample after sample
+        f = MFRes.DerivativeOfValue(MFRes.activation(:tanh))
+        Sv = tanh.(randn(rng, K, M, 4))
+        ob = K * M * (l - 1)
+        gb1 = randn(rng, K, M, L)
+        gb4 = copy(gb1)
+        T1, T4 = zeros(K, M, 4), zeros(K, M, 4)
+        for n in 0:3
+            MFRes.sum_rows!(T1, K * M * n, A, l, X, K * d * n, vk, vd)
+            for k in 1:(K * M)
+                T1[K * M * n + k] *= f(Sv[K * M * n + k])
+                gb1[ob + k] += T1[K * M * n + k]
+            end
+        end
+        MFRes.sum_rows_tile!(MFRes.TimesDerivative{Float64,3,K,typeof(f)}(T4, 0, Sv, 0, gb4, ob, M, f), A, l, X, 0,
+                             vk, vd)
+        @test T4 == T1 && gb4 == gb1
+    end
+
     conformance = get(ENV, "MFRES_CONFORMANCE_DIR", "")
     if !isempty(conformance)
         include(joinpath(@__DIR__, "conformance.jl"))
