@@ -271,19 +271,7 @@ end
     return nothing
 end
 
-# sum_rows! / sum_particles! of nt ≤ TILE consecutive samples: a whole tile at once, else one
-# sample at a time.
-@inline function sum_rows_n!(Y, oy, A, l, X, ox, nt, vk::Val{K}, vd::Val{D}) where {K,D}
-    if nt == TILE
-        sum_rows_tile!(StoreRows{eltype(Y),ndims(Y),K}(Y, oy, size(A, 3)), A, l, X, ox, vk, vd)
-    else
-        for n in 0:(nt - 1)
-            sum_rows!(Y, oy + K * size(A, 3) * n, A, l, X, ox + K * D * n, vk, vd)
-        end
-    end
-    return nothing
-end
-
+# sum_particles! of nt ≤ TILE consecutive samples: a whole tile at once, else one at a time.
 @inline function sum_particles_n!(acc, oc, A, l, Y, oy, nt, vk::Val{K}, vd::Val{D}) where {K,D}
     if nt == TILE
         sum_particles_tile!(acc, oc, A, l, Y, oy, vk, vd)
@@ -302,7 +290,13 @@ end
     d, M, N = size(W, 2), size(W, 3), size(ws.Z, 3)
     os = K * M * ((ls - 1) * N + i0 - 1)
     oz = K * d * ((l - 1) * N + i0 - 1)
-    sum_rows_n!(S, os, W, l, Z, oz, nt, Val(K), vd)
+    if nt == TILE
+        sum_rows_tile!(StoreRows{T,4,K}(S, os, M), W, l, Z, oz, Val(K), vd)
+    else
+        for n in 0:(nt - 1)
+            sum_rows!(S, os + K * M * n, W, l, Z, oz + K * d * n, Val(K), vd)
+        end
+    end
     ob = K * M * (l - 1)
     for t in 0:(nt - 1)
         ot = os + K * M * t

@@ -419,18 +419,19 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         X = randn(rng, K, d, 4)  # four samples' d-side vectors (z or p)
         Y = randn(rng, K, M, 4)  # and their M-side ones (σ or T)
         vk, vd = Val(K), Val(d)
-        R1, R4 = zeros(K, M, 4), zeros(K, M, 4)
-        for n in 0:3
-            MFRes.sum_rows!(R1, K * M * n, A, l, X, K * d * n, vk, vd)
+        # (one-sample sum, the tile's, the output's and the input's sample strides, input, output shape)
+        for (one, tile, so, si, inp, shape) in
+                ((MFRes.sum_rows!, (o, A, l, x) -> MFRes.sum_rows_tile!(MFRes.StoreRows{Float64,3,K}(o, 0, M), A, l, x, 0,
+                                                                        vk, vd), K * M, K * d, X, (K, M, 4)),
+                 (MFRes.sum_particles!, (o, A, l, y) -> MFRes.sum_particles_n!(o, 0, A, l, y, 0, 4, vk, vd), K * d,
+                  K * M, Y, (K, d, 4)))
+            R1, R4 = zeros(shape), zeros(shape)
+            for n in 0:3
+                one(R1, so * n, A, l, inp, si * n, vk, vd)
+            end
+            tile(R4, A, l, inp)
+            @test R4 == R1
         end
-        MFRes.sum_rows_n!(R4, 0, A, l, X, 0, 4, vk, vd)
-        @test R4 == R1
-        Q1, Q4 = zeros(K, d, 4), zeros(K, d, 4)
-        for n in 0:3
-            MFRes.sum_particles!(Q1, K * d * n, A, l, Y, K * M * n, vk, vd)
-        end
-        MFRes.sum_particles_n!(Q4, 0, A, l, Y, 0, 4, vk, vd)
-        @test Q4 == Q1
         og = K * d * M * (l - 1)
         G1 = randn(rng, K, d, M, L)
         G4 = copy(G1)
