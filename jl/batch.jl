@@ -291,7 +291,7 @@ end
     os = K * M * ((ls - 1) * N + i0 - 1)
     oz = K * d * ((l - 1) * N + i0 - 1)
     if nt == TILE
-        sum_rows_tile!(StoreRows{T,4,K}(S, os, M), W, l, Z, oz, Val(K), vd)
+        sum_rows_tile!(StoreRows{T,ndims(S),K}(S, os, M), W, l, Z, oz, Val(K), vd)
     else
         for n in 0:(nt - 1)
             sum_rows!(S, os + K * M * n, W, l, Z, oz + K * d * n, Val(K), vd)
