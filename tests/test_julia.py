@@ -488,7 +488,8 @@ def test_ctrl_c_finishes_the_chunk_and_stops_julia(julia: str, tmp_path: Path) -
 
     out = tmp_path / "int.nc"
     args = [*RUN[:-2], "--snapshot-every", "1000"]
-    proc = subprocess.Popen([sys.executable, "-m", "mfres.cli", "simulate", *args, "--steps", "200000",
+    # far more steps than run in the test's seconds at any speed (about 20 µs a step here)
+    proc = subprocess.Popen([sys.executable, "-m", "mfres.cli", "simulate", *args, "--steps", "100000000",
                              "--backend", "julia", "--threads", "1", "--quiet", "--out", str(out)],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **JULIA_ENV, "MFRES_JULIA": julia})
     try:
