@@ -514,52 +514,74 @@ def _dataset_equal(a: Path, b: Path) -> None:
             assert str(x.attrs.get(k)) == str(y.attrs.get(k)), k
 
 
-def test_final_file_is_drafted_while_the_last_chunk_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the backend overlaps, the final file is written ahead, during the last chunk, and the end of
-    the run only adds that chunk's rows: the file equals a plain NumPy run's, and nothing is left
-    beside it."""
+@pytest.mark.parametrize(("share", "durable"), [(0.8, 5.0), (1e-9, 5.0), (0.8, 0.0)])
+def test_final_file_is_drafted_while_the_last_chunks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         share: float, durable: float) -> None:
+    """Where the backend overlaps, the final file is written ahead, in slices inside the run's last
+    chunks (with a tiny share of each chunk, one piece a chunk and the rest at the end), and the end of
+    the run only adds the rows that came after it began: the file equals a plain NumPy run's, and
+    nothing is left beside it. A durable point at every chunk boundary drops each draft, and the
+    draft begun again after the last one is used."""
     import time
 
+    from mfres import train
     from mfres.backends.numpy_backend import NumpyBackend
     from mfres.config import RunConfig
     from mfres.store import writer as writer_mod
     from mfres.train import run
 
-    drafts: list[tuple[float, float, bool]] = []
+    begun: list[tuple[int, int, int]] = []
+    slices: list[tuple[float, float]] = []
     completed: list[bool] = []
-    plain_draft, plain_complete = writer_mod.RunWriter.draft_final_file, writer_mod.RunWriter._complete_draft
+    plain_begin, plain_work = writer_mod.RunWriter.begin_final_draft, writer_mod.RunWriter.work_on_draft
+    plain_complete = writer_mod.RunWriter._complete_draft
 
-    def recording_draft(self, steps, snapshots):  # type: ignore[no-untyped-def]
+    def recording_begin(self, steps, snapshots):  # type: ignore[no-untyped-def]
+        begun.append((self.steps_written, steps, snapshots))
+        plain_begin(self, steps, snapshots)
+
+    def recording_work(self, seconds=float("inf")):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
-        plain_draft(self, steps, snapshots)
-        drafts.append((t0, time.perf_counter(), self._draft is not None))
+        done = plain_work(self, seconds)
+        if seconds < float("inf"):  # the loop's slices, not finish's rest
+            slices.append((t0, time.perf_counter()))
+        return done
 
-    def recording_complete(self, arrays, step):  # type: ignore[no-untyped-def]
-        completed.append(plain_complete(self, arrays, step))
+    def recording_complete(self, step, theta):  # type: ignore[no-untyped-def]
+        completed.append(plain_complete(self, step, theta))
         return completed[-1]
 
-    monkeypatch.setattr(writer_mod.RunWriter, "draft_final_file", recording_draft)
+    monkeypatch.setattr(writer_mod.RunWriter, "begin_final_draft", recording_begin)
+    monkeypatch.setattr(writer_mod.RunWriter, "work_on_draft", recording_work)
     monkeypatch.setattr(writer_mod.RunWriter, "_complete_draft", recording_complete)
-    monkeypatch.setattr(writer_mod, "DURABLE_SECONDS", 0.0)
+    monkeypatch.setattr(writer_mod, "DURABLE_SECONDS", durable)
+    monkeypatch.setattr(train, "DRAFT_SHARE", share)
     config = RunConfig(depth=3, width=6, dim=2, samples=8, steps=12, snapshot_every=3, ds=0.5, backend="numpy")
     backend = overlapping_backend()
     run(config, str(tmp_path / "o.nc"), backend=backend, warn=False)
-    assert len(drafts) == 1 and drafts[0][2]  # written, once
-    b0, b1, _ = backend.spans[-1]
-    assert b0 <= drafts[0][0] and drafts[0][1] <= b1  # inside the last chunk
+    # the chunks after the first (one step) start at 1, 3, 6, 9; a draft begins in those that end
+    # within DRAFT_CHUNKS chunks of their size: at the first, or after every durable point
+    window = [s for s, n in ((1, 2), (3, 3), (6, 3), (9, 3)) if 12 - s <= train.DRAFT_CHUNKS * n]
+    assert [b[0] for b in begun] == (window[:1] if durable else window)
+    for start, steps, snapshots in begun:  # with the steps and snapshots still to come
+        assert start + steps == 12 and snapshots == len([k for k in (3, 6, 9, 12) if k > start])
+    assert slices and all(any(b0 <= t0 and t1 <= b1 for b0, b1, _ in backend.spans) for t0, t1 in slices)
     assert completed == [True]
+    begun.clear()
     run(config, str(tmp_path / "p.nc"), backend=NumpyBackend(), warn=False)
-    assert drafts[1:] == []  # a backend that does not overlap writes no draft
+    assert begun == []  # a backend that does not overlap writes no draft
     _dataset_equal(tmp_path / "o.nc", tmp_path / "p.nc")
     assert os.listdir(tmp_path / ".o.nc.mfres") == ["lock"]
 
 
-@pytest.mark.parametrize("end", ["fits", "fewer steps", "a segment between", "closed"])
+@pytest.mark.parametrize("end", ["fits", "fits, in slices", "fewer steps", "a segment between",
+                                 "a segment mid-draft", "closed", "closed mid-draft"])
 def test_a_draft_is_used_only_where_it_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
     """A draft made with rows still in memory is completed with the rest and gives the file written
-    without one; a draft sized for more steps than the run made (a divergence in the last chunk), or
-    one that a segment written after it outdates, is dropped and the file written whole; a writer
-    closed with a draft (a crash) leaves the published file as it was and no temporary file."""
+    without one, whether written at once or one piece at a time; a draft sized for more steps than the
+    run made (a divergence in the last chunk), or one that a segment written after it (or between its
+    pieces) outdates, is dropped and the file written whole; a writer closed with a draft, finished or
+    not (a crash), leaves the published file as it was and no temporary file."""
     from mfres.store import writer as writer_mod
     from mfres.store.writer import RunWriter
     from mfres.train import prepare
@@ -567,8 +589,8 @@ def test_a_draft_is_used_only_where_it_fits(tmp_path: Path, monkeypatch: pytest.
     used: list[bool] = []
     plain_complete = writer_mod.RunWriter._complete_draft
 
-    def recording_complete(self, arrays, step):  # type: ignore[no-untyped-def]
-        used.append(plain_complete(self, arrays, step))
+    def recording_complete(self, step, theta):  # type: ignore[no-untyped-def]
+        used.append(plain_complete(self, step, theta))
         return used[-1]
 
     monkeypatch.setattr(writer_mod.RunWriter, "_complete_draft", recording_complete)
@@ -587,25 +609,34 @@ def test_a_draft_is_used_only_where_it_fits(tmp_path: Path, monkeypatch: pytest.
         w.commit(6, theta)
         w.write_steps(7, loss[7:10], gn[7:10])  # rows in memory when the draft is made
         w.write_snapshot(9, theta, np.full(8, 9.0))
-        if draft:
+        if draft and end in ("fits, in slices", "a segment mid-draft", "closed mid-draft"):
+            w.begin_final_draft(3, 1)
+            pieces = 1
+            while not w.work_on_draft(0.0):  # one piece a call
+                pieces += 1
+                if end != "fits, in slices" and pieces == 4:
+                    break
+            assert pieces > 8 or end != "fits, in slices"
+            assert w.drafting and len(os.listdir(tmp_path / f".{name}.mfres")) == 2
+        elif draft:
             w.draft_final_file(3, 1)
             assert w._draft is not None and len(os.listdir(tmp_path / f".{name}.mfres")) == 2
         outs.append(tmp_path / name)
-        if end == "closed":
+        if end.startswith("closed"):
             w.close()
             continue
-        if end == "a segment between":
+        if end.startswith("a segment"):
             w.commit(9, theta)
         w.write_steps(10, loss[10:last + 1], gn[10:last + 1])
         w.write_snapshot(last, theta, np.full(8, float(last)))
         w.finish("finished" if last == 12 else "diverged", "", last, theta)
         w.close()
         assert os.listdir(tmp_path / f".{name}.mfres") == ["lock"]
-    assert used == ([] if end == "closed" else [end == "fits", False])
+    assert used == ([] if end.startswith("closed") else [end.startswith("fits"), False])
     _dataset_equal(*outs)
     with xr.open_dataset(outs[0]) as ds:
-        assert ds.sizes["step"] == (7 if end == "closed" else last + 1)
+        assert ds.sizes["step"] == (7 if end.startswith("closed") else last + 1)
         np.testing.assert_array_equal(ds["loss"].values, loss[:ds.sizes["step"]])
-        assert list(ds["snapshot_step"].values) == [0, 3, 6] + ([] if end == "closed" else [9, last])
-    if end == "closed":
+        assert list(ds["snapshot_step"].values) == [0, 3, 6] + ([] if end.startswith("closed") else [9, last])
+    if end.startswith("closed"):
         assert [n for n in os.listdir(tmp_path / ".a.nc.mfres") if "publish" in n] == []

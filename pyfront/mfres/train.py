@@ -34,6 +34,14 @@ from .store.schema import HEALTH_ATTRS
 
 CHUNK_SECONDS = 0.5
 MAX_CHUNK = 10_000
+# Where the backend overlaps, the final file is drafted during the run's last chunks (at most
+# DRAFT_CHUNKS of them, and no earlier than DRAFT_SECONDS before the end), in slices of
+# DRAFT_SHARE of a chunk's expected time, so that the writing stays inside the chunks: at the
+# default size a draft takes about 25 ms and a chunk 20. A durable point drops the draft (it
+# would lack the rows the segment takes from memory); the next chunk begins it again.
+DRAFT_CHUNKS = 4
+DRAFT_SECONDS = 1.0
+DRAFT_SHARE = 0.8
 
 ProgressFn = Callable[[int, int, float, float], None]
 """progress(step, steps, loss, steps_per_second)"""
@@ -247,23 +255,25 @@ def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem, 
     writer.write_snapshot(step, theta, _prediction(theta, problem, traj))
 
 
-def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, last: int,
-               snapshot: np.ndarray | None) -> Callable[[], None] | None:
+def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, snapshot: np.ndarray | None,
+               draft: tuple[int, int] | None, seconds: float) -> Callable[[], None] | None:
     """What the writer does while the backend runs the next chunk from θ at ``step``: the
     snapshot of θ owed from the last chunk (``snapshot``: the net's output there), the durable
-    point (``commit``), then, before the run's ``last`` steps (0: not the last chunk), the draft
-    of the final file, which leaves only those steps and the last snapshot to the end of the
-    run. The file receives them in the order it would without a chunk running."""
-    if snapshot is None and not commit and not last:
+    point (``commit``), then, within ``seconds`` of the start, a slice of the draft of the final
+    file, begun here if ``draft`` = (the steps, the snapshots) still to come. The file receives
+    them in the order it would without a chunk running."""
+    if snapshot is None and not commit and draft is None and not writer.drafting:
         return None
 
     def work() -> None:
+        t0 = time.perf_counter()
         if snapshot is not None:
             writer.write_snapshot(step, theta, snapshot)
         if commit:
             writer.commit(step, theta)
-        if last:
-            writer.draft_final_file(last, 1)
+        if draft is not None:
+            writer.begin_final_draft(*draft)
+        writer.work_on_draft(seconds - (time.perf_counter() - t0))
     return work
 
 
@@ -308,8 +318,12 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         n = min(chunk, steps - step, every - step % every)
         start_theta = theta.copy()
         now = owed and (rate > 0 or not backend.overlaps)
-        meanwhile = _meanwhile(writer, step, start_theta, now, n if backend.overlaps and step + n == steps else 0,
-                               snapshot)
+        left = steps - step
+        draft = None
+        if (backend.overlaps and rate > 0 and (now or not writer.drafting) and left <= DRAFT_CHUNKS * n
+                and left <= DRAFT_SECONDS * rate):
+            draft = (left, (steps - 1) // every - step // every + 1)  # snapshots: (step, steps]
+        meanwhile = _meanwhile(writer, step, start_theta, now, snapshot, draft, DRAFT_SHARE * n / rate if rate else 0.0)
         snapshot = None
         try:
             traj, elapsed = clock.chunk(backend, theta, problem, config.ds, n, meanwhile)
@@ -326,7 +340,7 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         last_loss = float(traj.loss[-1])
         step += n
         rate = (n + 1) / max(elapsed, 1e-9)
-        chunk = int(np.clip(rate * CHUNK_SECONDS, 1, MAX_CHUNK))
+        chunk = int(min(max(rate * CHUNK_SECONDS, 1), MAX_CHUNK))
         if progress is not None:
             progress(step, steps, last_loss, rate)
         if step == steps:

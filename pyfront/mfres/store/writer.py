@@ -10,9 +10,10 @@ leaves the last published file intact and every durable segment readable
 durable point.
 
 Where the backend computes in another process, the final file is *drafted* while the last
-chunk runs (``draft_final_file``): written and fsync'ed under its temporary name with all
-but that chunk's rows, which the last durable point adds before the fsync and rename; a
-draft that does not fit the run's end is dropped and the file written whole.
+chunks run (``begin_final_draft``, then ``work_on_draft`` in slices that fit inside each
+chunk): written and fsync'ed under its temporary name with all but those chunks' rows,
+which the last durable point adds before the fsync and rename; a draft that does not fit
+the run's end is dropped and the file written whole.
 
 Publishing happens at the first and the last durable point of a session, and in
 between when ``MAX_SEGMENTS`` segments wait, or when the pending segments have
@@ -34,6 +35,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import netCDF4  # at import, not at the first publish: its 0.1 s is start-up, not a run's time
@@ -142,7 +144,8 @@ class RunWriter:
         self._grid: int | None = None  # at the next publish, keep only snapshots on this step grid
         self._last = self._published_at = time.monotonic()
         self._cost = 0.0
-        self._draft: dict[str, Any] | None = None  # a new file being written (draft_final_file), until published
+        self._draft: dict[str, Any] | None = None  # a new file being written (begin_final_draft), until published
+        self._drafting: Iterator[None] | None = None  # the draft's pieces still to write (work_on_draft)
         self._open(overwrite, resume)
 
     # -- opening -----------------------------------------------------------------------
@@ -279,20 +282,22 @@ class RunWriter:
         return time.monotonic() - self._last >= interval or self._buffered >= MAX_BUFFER_BYTES
 
     # -- durable points ----------------------------------------------------------------
-    def _payload(self, step: int, theta: Particles | None) -> dict[str, Any]:
+    def _payload(self, step: int, theta: Particles | None, since: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+        """The rows held in memory, from the ``since`` = (step row, snapshot) on, and the state ``theta``."""
         if self.steps_written != step:
             raise ValueError(f"durable point at step {step} but steps up to {self.steps_written} were written")
         L, K, d, N = self.config.depth, len(self.subset), self.data.d, self.data.N
         dt = np.dtype(self.config.dtype)
         arrays: dict[str, Any] = {
-            "loss": np.concatenate(self._loss) if self._loss else np.empty(0),
-            "grad_norm": np.concatenate(self._gn) if self._gn else np.empty(0)}
+            "loss": np.concatenate(self._loss)[since[0]:] if self._loss else np.empty(0),
+            "grad_norm": np.concatenate(self._gn)[since[0]:] if self._gn else np.empty(0)}
         shapes = {"U": (L, K, d), "W": (L, K, d), "b": (L, K), "prediction": (N,), "U_mean": (L, d),
                   "W_mean": (L, d), "U_sq": (L,), "W_sq": (L,), "b_mean": (L,), "b_sq": (L,), "snapshot_step": ()}
+        snaps = self._snaps[since[1]:]
         for name in SNAPSHOT_DATA:
             want = dtype_of(name, self.config.dtype)
-            if self._snaps:
-                arrays[name] = np.stack([np.asarray(s[name], dtype=want) for s in self._snaps])
+            if snaps:
+                arrays[name] = np.stack([np.asarray(s[name], dtype=want) for s in snaps])
             else:
                 arrays[name] = np.empty((0, *shapes[name]), dtype=want)
         if theta is not None:
@@ -308,14 +313,14 @@ class RunWriter:
     def commit(self, step: int, theta: Particles, publish: bool = False) -> None:
         """A durable point at ``step`` (the last step written) with the full state ``theta``."""
         t0 = time.monotonic()
-        arrays = self._payload(step, theta)
-        if publish and self._complete_draft(arrays, step):
+        if publish and self._complete_draft(step, theta):
             self._clear(step)
         elif publish or not self.published:
-            self._publish(arrays, step)
+            self._publish(self._payload(step, theta), step)
             self._clear(step)
         else:
-            self._write_segment(arrays, step, has_state=True)
+            self._discard_draft()  # it lacks the rows that leave memory for the segment
+            self._write_segment(self._payload(step, theta), step, has_state=True)
             self._clear(step)  # durable from here on
             grown = sum(b for _, _, b in self.pending) >= self.published_bytes
             if len(self.pending) >= MAX_SEGMENTS or (grown and t0 - self._published_at >= PUBLISH_SECONDS):
@@ -388,46 +393,101 @@ class RunWriter:
         draft = self._start_draft([arrays] if arrays is not None else [], 0, 0)
         self._finish_draft(draft, [], step)
 
-    def draft_final_file(self, steps: int, snapshots: int) -> None:
-        """Write the final file, as far as it is known now, under its temporary name and fsync it: meant to
-        run while the backend computes the run's last ``steps`` steps and ``snapshots`` snapshots, so that
-        ``finish`` has only their rows to add (the file is published then as by any publish). Optional: a
-        draft that cannot be written, or that ``finish`` finds does not fit, is dropped."""
+    @property
+    def drafting(self) -> bool:
+        """Whether a draft of the final file is under way or written (``begin_final_draft``)."""
+        return self._draft is not None or self._drafting is not None
+
+    def begin_final_draft(self, steps: int, snapshots: int) -> None:
+        """Start the final file, as far as it is known now, under its temporary name: meant for while the
+        backend computes the run's last ``steps`` steps and ``snapshots`` snapshots, so that ``finish`` has
+        only their rows to add (the file is published then as by any publish). The writing itself is done
+        by ``work_on_draft`` (and by ``finish``, for what is left). Optional: a draft that cannot be
+        written, or that ``finish`` finds does not fit, is dropped."""
         self._discard_draft()
         if not self.published or self._grid is not None:
             return
         try:
             arrays = self._payload(self.steps_written, None)
-            snap = sum(a.nbytes for a in self._snaps[-1].values() if isinstance(a, np.ndarray)) if self._snaps else 0
-            state = self.config.depth * self.config.width * (2 * self.data.d + 1) * np.dtype(self.config.dtype).itemsize
-            draft = self._start_draft([arrays], steps, snapshots, 16 * steps + snapshots * snap + state)
-            draft["memory"] = (len(arrays["loss"]), len(self._snaps))
-            draft["nc"].sync()
-            os.fsync(draft["fd"])
         except Exception:  # the draft is optional: finish writes the file whole
-            self._discard_draft()
+            return
+        snap = sum(a.nbytes for a in self._snaps[-1].values() if isinstance(a, np.ndarray)) if self._snaps else 0
+        state = self.config.depth * self.config.width * (2 * self.data.d + 1) * np.dtype(self.config.dtype).itemsize
+        self._drafting = self._final_draft_pieces(arrays, (len(arrays["loss"]), len(self._snaps)), steps, snapshots,
+                                                  16 * steps + snapshots * snap + state)
 
-    def _complete_draft(self, arrays: dict[str, Any], step: int) -> bool:
-        """Publish through the draft (``draft_final_file``) if it holds everything but ``arrays``' last rows."""
-        draft = self._draft  # only a complete draft outlives the call that made it
-        if draft is None:
+    def work_on_draft(self, seconds: float = float("inf")) -> bool:
+        """Write pieces of the draft (``begin_final_draft``) for about ``seconds`` (the piece under way
+        when they run out is finished); whether nothing is left to write. A draft that a durable
+        point has outdated is dropped, and so is one that fails."""
+        if self._drafting is None:
+            return True
+        if self._draft is not None and self._draft["seq"] != self.seq:
+            self._discard_draft()
+            return True
+        until = time.perf_counter() + seconds
+        try:
+            while True:
+                next(self._drafting)
+                if time.perf_counter() >= until:
+                    return False
+        except StopIteration:
+            self._drafting = None
+        except Exception:
+            self._discard_draft()
+        return True
+
+    def draft_final_file(self, steps: int, snapshots: int) -> None:
+        """``begin_final_draft`` and all of ``work_on_draft`` at once."""
+        self.begin_final_draft(steps, snapshots)
+        self.work_on_draft()
+
+    def _final_draft_pieces(self, arrays: dict[str, Any], memory: tuple[int, int], steps: int, snapshots: int,
+                            more_bytes: int) -> Iterator[None]:
+        """``_draft_pieces`` of the final draft, then its sync and fsync; ``memory``: the rows (steps,
+        snapshots) held in memory when ``arrays`` were taken, which ``finish``'s rows follow."""
+        draft = yield from self._draft_pieces([arrays], steps, snapshots, more_bytes)
+        draft["memory"] = memory
+        yield
+        try:
+            draft["nc"].sync()
+            yield
+            os.fsync(draft["fd"])
+        except BaseException as e:
+            raise self._drop_draft(e) from None
+        draft["complete"] = True
+
+    def _complete_draft(self, step: int, theta: Particles) -> bool:
+        """Publish through the draft (``begin_final_draft``), with the state ``theta`` at ``step``, if it
+        holds everything but the rows written since it began."""
+        self.work_on_draft()
+        draft = self._draft
+        if draft is None or not draft.get("complete"):
+            self._discard_draft()
             return False
         n_mem, k_mem = draft["memory"]
-        tail = {k: v[n_mem:] if k in STEP_DATA else v[k_mem:] if k in SNAPSHOT_DATA else v
-                for k, v in arrays.items()}
-        fits = (self.seq == draft["seq"] and len(tail["loss"]) == draft["n"] - draft["n_at"]
-                and len(tail["snapshot_step"]) == draft["k"] - draft["k_at"])
+        fits = (self.seq == draft["seq"] and sum(map(len, self._loss)) - n_mem == draft["n"] - draft["n_at"]
+                and len(self._snaps) - k_mem == draft["k"] - draft["k_at"])
         if not fits:
             self._discard_draft()
             return False
-        self._finish_draft(draft, [tail], step)
+        self._finish_draft(draft, [self._payload(step, theta, since=(n_mem, k_mem))], step)
         return True
 
-    def _start_draft(self, memory: list[dict[str, Any]], steps: int, snapshots: int,
-                     more_bytes: int = 0) -> dict[str, Any]:
+    def _start_draft(self, memory: list[dict[str, Any]], steps: int, snapshots: int) -> dict[str, Any]:
+        """``_draft_pieces``, all at once."""
+        pieces = self._draft_pieces(memory, steps, snapshots)
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as done:
+                return done.value
+
+    def _draft_pieces(self, memory: list[dict[str, Any]], steps: int, snapshots: int,
+                      more_bytes: int = 0) -> Generator[None, None, dict[str, Any]]:
         """Open a new file under a temporary name and write published + pending segments + ``memory``
         into it, sized for ``steps`` and ``snapshots`` more rows (``_finish_draft`` adds them, about
-        ``more_bytes``)."""
+        ``more_bytes``); yields between pieces of a few milliseconds, returns the draft."""
         tmp = f".publish.{os.getpid()}.tmp.nc"
         tmp_path = layout.hdf5_dir_name(self.side, self.sidefd, tmp)
         segments = [layout.read_segment(self.side, n) for _, n, _ in self.pending]
@@ -450,9 +510,12 @@ class RunWriter:
                     name = stack.enter_context(layout.hdf5_name(self.path))
                     old = stack.enter_context(netCDF4.Dataset(name))
                     old.set_auto_mask(False)
+                    yield
                 draft["nc"] = netCDF4.Dataset(tmp_path, "w", format="NETCDF4")
+                draft["nc"].set_auto_maskandscale(False)  # plain arrays in, the values as they are
                 draft["fd"] = os.open(tmp, os.O_RDONLY, dir_fd=self.sidefd)
-                draft.update(self._write_file(draft["nc"], old, parts, steps, snapshots))
+                yield
+                draft.update((yield from self._write_file(draft["nc"], old, parts, steps, snapshots)))
         except BaseException as e:
             raise self._drop_draft(e) from None
         del segments, parts
@@ -491,6 +554,10 @@ class RunWriter:
 
     def _discard_draft(self) -> None:
         """Close and remove an unfinished draft, if any (the published file is untouched)."""
+        pieces, self._drafting = self._drafting, None
+        if pieces is not None:
+            with contextlib.suppress(Exception):  # it also drops the draft (or is running, and will)
+                pieces.close()
         draft, self._draft = self._draft, None
         if draft is None:
             return
@@ -504,9 +571,10 @@ class RunWriter:
             os.unlink(draft["tmp"], dir_fd=self.sidefd)
 
     def _write_file(self, nc: Any, old: Any, parts: list[dict[str, Any]], steps: int, snapshots: int
-                    ) -> dict[str, Any]:
+                    ) -> Generator[None, None, dict[str, Any]]:
         """Create the variables for ``old`` + ``parts`` + ``steps`` and ``snapshots`` more rows and write
-        ``old`` and ``parts`` into them; returns where the rows still to come go (``_write_rest``)."""
+        ``old`` and ``parts`` into them, yielding after each variable; returns where the rows still to
+        come go (``_write_rest``)."""
         config, data = self.config, self.data
         L, M, K, d, N = config.depth, config.width, len(self.subset), data.d, data.N
         old_keep = None
@@ -528,6 +596,7 @@ class RunWriter:
             v = nc.createVariable(name, dtype_of(name, config.dtype), spec.dims, fill_value=False)
             v.setncatts(cf_attributes(name))
             out[name] = v
+        yield
         # per step: E and velocity (read whole: they also give the health figures)
         series = {}
         for name in STEP_DATA:
@@ -535,9 +604,11 @@ class RunWriter:
             series[name] = np.concatenate([*a, *(np.asarray(p[name], dtype=np.float64) for p in parts)]
                                           or [np.empty(0)])
             out[name][:n_at] = series[name]
+            yield
         steps_index = np.arange(n, dtype=np.int64)
         out["step"][:] = steps_index
         out["s"][:] = steps_index * config.ds
+        yield
         # per snapshot, in blocks
         snap_steps = []
         for name in SNAPSHOT_DATA:
@@ -558,6 +629,7 @@ class RunWriter:
                     if name == "snapshot_step":
                         snap_steps.append(np.asarray(a, dtype=np.int64))
                     pos += len(a)
+            yield
         out["snapshot"][:] = np.arange(k, dtype=np.int64)
         out["layer"][:] = np.arange(L, dtype=np.int64)
         out["t"][:] = np.arange(L) / L
@@ -565,6 +637,7 @@ class RunWriter:
         out["x"][:] = data.x
         out["y"][:] = data.y
         out["readout"][:] = data.readout
+        yield
         state = None
         for p in parts:
             if "state_U" in p:
