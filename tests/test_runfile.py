@@ -474,9 +474,9 @@ def test_durable_points_are_written_while_a_child_process_steps(tmp_path: Path,
     commits: list[tuple[int, mfres.model.Particles, float, float]] = []
     plain_commit = writer_mod.RunWriter.commit
 
-    def recording_commit(self, step, theta, publish=False):  # type: ignore[no-untyped-def]
+    def recording_commit(self, step, theta, publish=False, end_in=float("inf")):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
-        plain_commit(self, step, theta, publish)
+        plain_commit(self, step, theta, publish, end_in)
         if not publish:
             commits.append((step, theta.copy(), t0, time.perf_counter()))
 
@@ -640,3 +640,44 @@ def test_a_draft_is_used_only_where_it_fits(tmp_path: Path, monkeypatch: pytest.
         assert list(ds["snapshot_step"].values) == [0, 3, 6] + ([] if end.startswith("closed") else [9, last])
     if end.startswith("closed"):
         assert [n for n in os.listdir(tmp_path / ".a.nc.mfres") if "publish" in n] == []
+
+
+@pytest.mark.parametrize("end_in", [float("inf"), 0.5])
+def test_no_mid_run_publish_right_before_the_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  end_in: float) -> None:
+    """Once the pending segments outgrow the published file and PUBLISH_SECONDS have passed, a durable
+    point publishes, unless the run expects to end sooner than that (its last publish comes first);
+    either way the file read back holds every step."""
+    from mfres.store import writer as writer_mod
+    from mfres.store.writer import RunWriter
+    from mfres.train import prepare
+
+    monkeypatch.setattr(writer_mod, "PUBLISH_SECONDS", 1.0)
+    config = mfres.config.RunConfig(depth=3, width=6, dim=2, samples=8, steps=12, snapshot_every=3, ds=0.5,
+                                    backend="numpy")
+    data, theta, _ = prepare(config)
+    loss = np.random.default_rng(1).random(13)
+    w = RunWriter(str(tmp_path / "r.nc"), config, data, "numpy")
+    w.write_steps(0, loss[:4], loss[:4])
+    w.write_snapshot(0, theta, np.zeros(8))
+    w.commit(3, theta)  # the first durable point publishes
+    w._published_at -= 2.0  # as if PUBLISH_SECONDS had passed and the segments outgrew the file
+    w.published_bytes = 1
+    for k in (3, 6, 9):
+        w.write_steps(k + 1, loss[k + 1:k + 4], loss[k + 1:k + 4])
+        w.write_snapshot(k, theta, np.full(8, float(k)))
+        w.commit(k + 3, theta, end_in=end_in)
+    # the first of the three publishes (the file then is new again), or none does
+    assert read_attrs_steps(tmp_path / "r.nc") == (6 if end_in > 1.0 else 3)
+    assert len(w.pending) == (2 if end_in > 1.0 else 3)
+    w.finish("finished", "", 12, theta)
+    w.close()
+    with mfres.open_run(str(tmp_path / "r.nc"), load=True) as ds:
+        np.testing.assert_array_equal(ds["loss"].values, loss)
+        assert list(ds["snapshot_step"].values) == [0, 3, 6, 9]
+
+
+def read_attrs_steps(path: Path) -> int:
+    """The steps_done of the published file alone (segments not merged)."""
+    with xr.open_dataset(path) as ds:
+        return int(ds.attrs["steps_done"])

@@ -256,12 +256,12 @@ def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem, 
 
 
 def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, snapshot: np.ndarray | None,
-               draft: tuple[int, int] | None, seconds: float) -> Callable[[], None] | None:
+               draft: tuple[int, int] | None, seconds: float, end_in: float) -> Callable[[], None] | None:
     """What the writer does while the backend runs the next chunk from θ at ``step``: the
     snapshot of θ owed from the last chunk (``snapshot``: the net's output there), the durable
-    point (``commit``), then, within ``seconds`` of the start, a slice of the draft of the final
-    file, begun here if ``draft`` = (the steps, the snapshots) still to come. The file receives
-    them in the order it would without a chunk running."""
+    point (``commit``; the run expects to end in ``end_in`` seconds), then, within ``seconds`` of
+    the start, a slice of the draft of the final file, begun here if ``draft`` = (the steps, the
+    snapshots) still to come. The file receives them in the order it would without a chunk running."""
     if snapshot is None and not commit and draft is None and not writer.drafting:
         return None
 
@@ -270,7 +270,7 @@ def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, sna
         if snapshot is not None:
             writer.write_snapshot(step, theta, snapshot)
         if commit:
-            writer.commit(step, theta)
+            writer.commit(step, theta, end_in=end_in)
         if draft is not None:
             writer.begin_final_draft(*draft)
         writer.work_on_draft(seconds - (time.perf_counter() - t0))
@@ -323,7 +323,8 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         if (backend.overlaps and rate > 0 and (now or not writer.drafting) and left <= DRAFT_CHUNKS * n
                 and left <= DRAFT_SECONDS * rate):
             draft = (left, (steps - 1) // every - step // every + 1)  # snapshots: (step, steps]
-        meanwhile = _meanwhile(writer, step, start_theta, now, snapshot, draft, DRAFT_SHARE * n / rate if rate else 0.0)
+        meanwhile = _meanwhile(writer, step, start_theta, now, snapshot, draft, DRAFT_SHARE * n / rate if rate else 0.0,
+                               left / rate if rate else float("inf"))
         snapshot = None
         try:
             traj, elapsed = clock.chunk(backend, theta, problem, config.ds, n, meanwhile)

@@ -82,10 +82,12 @@ def segments(side: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def read_segment(side: str, name: str) -> dict[str, Any]:
-    """A segment's arrays and its ``meta`` (a dict); raises FileNotFoundError if it vanished."""
+def read_segment(side: str, name: str, state: bool = True) -> dict[str, Any]:
+    """A segment's arrays (without the full state ``state_*`` unless ``state``: only the newest one
+    is ever used, and at the large size it is a third of a segment) and its ``meta`` (a dict); raises
+    FileNotFoundError if it vanished."""
     with np.load(os.path.join(side, name), allow_pickle=False) as f:
-        out: dict[str, Any] = {k: f[k] for k in f.files if k != "meta"}
+        out: dict[str, Any] = {k: f[k] for k in f.files if k != "meta" and (state or not k.startswith("state_"))}
         out["meta"] = json.loads(str(f["meta"]))
     return out
 

@@ -114,7 +114,9 @@ def open_run(path: str, load: bool = False) -> Any:
         ds = _open_published(path, load)
         try:
             pending = pending_segments(path, ds.attrs)
-            data = [layout.read_segment(layout.sidecar(path), name) for _, name, _ in pending.segments]
+            newest = [name for _, name, meta in pending.segments if meta.get("has_state")][-1:]
+            data = [layout.read_segment(layout.sidecar(path), name, state=[name] == newest)
+                    for _, name, _ in pending.segments]
         except FileNotFoundError as e:  # the writer published and removed them meanwhile: read again
             ds.close()
             last_error = e

@@ -18,7 +18,8 @@ the run's end is dropped and the file written whole.
 Publishing happens at the first and the last durable point of a session, and in
 between when ``MAX_SEGMENTS`` segments wait, or when the pending segments have
 reached the published file's size and ``PUBLISH_SECONDS`` have passed (so the file
-at least doubles between publishes and their total cost stays linear in its size).
+at least doubles between publishes and their total cost stays linear in its size),
+unless the run expects to end within ``PUBLISH_SECONDS`` (its last publish then comes first).
 Durable points come every ``DURABLE_SECONDS`` (environment ``MFRES_DURABLE_SECONDS``;
 0 makes every chunk boundary one, for tests), or more rarely when writing one costs
 more than 2 % of the interval, or sooner when ``MAX_BUFFER_BYTES`` of snapshots wait. One writer at a time:
@@ -227,10 +228,10 @@ class RunWriter:
             self.n_steps = nc.dimensions["step"].size
             self.e0 = float(nc["loss"][0])
             state = {v: np.asarray(nc[v][...]) for v in STATE_DATA}
-        for _, n, m in pending.segments:
-            if m.get("has_state"):
-                seg = layout.read_segment(self.side, n)
-                state = {v: seg[v] for v in STATE_DATA}
+        newest = [n for _, n, m in pending.segments if m.get("has_state")]
+        if newest:
+            seg = layout.read_segment(self.side, newest[-1])
+            state = {v: seg[v] for v in STATE_DATA}
         dt = np.dtype(config.dtype)
         self.start_state = Particles(*(np.ascontiguousarray(state[f"state_{v}"], dtype=dt) for v in "UWb"))
         # a default snapshot spacing follows a new --steps: keep the file's snapshots on the new grid
@@ -310,8 +311,9 @@ class RunWriter:
         return {"run_id": self.run_id, "base": self.tip, "step": step, "has_state": has_state,
                 "attrs": {k: _jsonable(self.attrs[k]) for k in keys if k in self.attrs}}
 
-    def commit(self, step: int, theta: Particles, publish: bool = False) -> None:
-        """A durable point at ``step`` (the last step written) with the full state ``theta``."""
+    def commit(self, step: int, theta: Particles, publish: bool = False, end_in: float = float("inf")) -> None:
+        """A durable point at ``step`` (the last step written) with the full state ``theta``; ``end_in``:
+        the seconds the run expects to take still."""
         t0 = time.monotonic()
         if publish and self._complete_draft(step, theta):
             self._clear(step)
@@ -323,7 +325,8 @@ class RunWriter:
             self._write_segment(self._payload(step, theta), step, has_state=True)
             self._clear(step)  # durable from here on
             grown = sum(b for _, _, b in self.pending) >= self.published_bytes
-            if len(self.pending) >= MAX_SEGMENTS or (grown and t0 - self._published_at >= PUBLISH_SECONDS):
+            if len(self.pending) >= MAX_SEGMENTS or (grown and t0 - self._published_at >= PUBLISH_SECONDS
+                                                     and end_in >= PUBLISH_SECONDS):
                 self._publish(None, step)
         self._last = time.monotonic()
         self._cost = self._last - t0
@@ -490,7 +493,10 @@ class RunWriter:
         ``more_bytes``); yields between pieces of a few milliseconds, returns the draft."""
         tmp = f".publish.{os.getpid()}.tmp.nc"
         tmp_path = layout.hdf5_dir_name(self.side, self.sidefd, tmp)
-        segments = [layout.read_segment(self.side, n) for _, n, _ in self.pending]
+        # the state: memory's, else the newest segment's (its files list it; its meta says has_state)
+        state_from = None if any("state_U" in p for p in memory) else next(
+            (n for _, n, _ in reversed(self.pending) if layout.read_segment_meta(self.side, n).get("has_state")), None)
+        segments = [layout.read_segment(self.side, n, state=n == state_from) for _, n, _ in self.pending]
         parts = [*segments, *memory]
         nbytes = self.published_bytes + sum(sum(np.asarray(a).nbytes for k, a in p.items() if k != "meta")
                                             for p in parts)
