@@ -115,6 +115,33 @@ def test_health_figures_recorded_shown_and_warned(tmp_path: Path) -> None:
         mfres.simulate(depth=2, width=4, dim=2, samples=8, ds=3.0, steps=100, backend="numpy")
 
 
+def _first_bad_by_loop(loss: np.ndarray, start: float) -> int:
+    for k, e in enumerate(loss):
+        if not np.isfinite(e) or e > health.RUNAWAY_FACTOR * abs(start):
+            return k
+    return -1
+
+
+def test_first_bad_step_against_a_loop() -> None:
+    """The divergence check (with its quick answer for clean series) against a plain loop, one net and a batch."""
+    rng = np.random.default_rng(3)
+    odd = [np.nan, np.inf, -np.inf, 2e6, 1e6, np.nextafter(1e6, 2e6), -5.0]  # 1e6 = RUNAWAY_FACTOR·1: not bad
+    cases = 0
+    for _ in range(400):
+        loss = rng.uniform(0.0, 2.0, size=int(rng.integers(1, 40)))
+        start = float(rng.choice([1.0, 1e-7, 0.0, float("nan")]))
+        for _ in range(int(rng.integers(0, 3))):
+            loss[rng.integers(loss.size)] = rng.choice(odd)
+        want = _first_bad_by_loop(loss, start)
+        assert int(health.first_bad_step(loss, start=start)) == want, (loss, start)
+        cases += want >= 0
+    assert cases > 100  # the slow path ran too
+    batch = rng.uniform(0.0, 1.0, size=(30, 5))
+    batch[7, 1], batch[3, 1], batch[12, 3], batch[0, 4] = np.nan, 3e6, -np.inf, np.inf
+    got = health.first_bad_step(batch)
+    assert got.tolist() == [_first_bad_by_loop(batch[:, j], batch[0, j]) for j in range(5)] == [-1, 3, -1, 12, 0]
+
+
 def test_runaway_is_stopped_as_diverged_across_chunks_and_on_resume(tmp_path: Path) -> None:
     out = tmp_path / "away.nc"
     res = cli("simulate", *RUNAWAY, "--out", str(out))

@@ -12,6 +12,7 @@ carry a trailing batch axis (shape (n + 1, B)); results then have shape (B,).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,10 @@ def first_bad_step(loss: np.ndarray, start: Any = None, factor: float = RUNAWAY_
     """
     loss = np.asarray(loss, dtype=np.float64)
     ref = loss[0] if start is None else np.asarray(start, dtype=np.float64)
+    if loss.ndim == 1 and loss.size:  # the usual answer from two reductions: it runs after every chunk
+        lo, hi = float(loss.min()), float(loss.max())
+        if math.isfinite(lo) and math.isfinite(hi) and hi <= factor * abs(float(ref)):
+            return np.intp(-1)
     with np.errstate(invalid="ignore", over="ignore"):
         bad = ~np.isfinite(loss) | (loss > factor * np.abs(ref))
     hit = bad.any(axis=0)

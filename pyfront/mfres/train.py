@@ -255,25 +255,28 @@ def _snapshot(writer: RunWriter, step: int, theta: Particles, problem: Problem, 
     writer.write_snapshot(step, theta, _prediction(theta, problem, traj))
 
 
-def _meanwhile(writer: RunWriter, step: int, theta: Particles, commit: bool, snapshot: np.ndarray | None,
-               draft: tuple[int, int] | None, seconds: float, end_in: float) -> Callable[[], None] | None:
-    """What the writer does while the backend runs the next chunk from θ at ``step``: the
-    snapshot of θ owed from the last chunk (``snapshot``: the net's output there), the durable
-    point (``commit``; the run expects to end in ``end_in`` seconds), then, within ``seconds`` of
-    the start, a slice of the draft of the final file, begun here if ``draft`` = (the steps, the
-    snapshots) still to come. The file receives them in the order it would without a chunk running."""
-    if snapshot is None and not commit and draft is None and not writer.drafting:
-        return None
+def _meanwhile(writer: RunWriter, step: int, theta: Particles, saved: list[Particles], commit: bool,
+               snapshot: np.ndarray | None, draft: tuple[int, int] | None, seconds: float,
+               end_in: float) -> Callable[[], None]:
+    """What the loop does while the backend runs the next chunk from θ at ``step`` (``theta`` holds
+    that state until the chunk's results come back): keep a copy of θ in ``saved`` (a divergence
+    replays from it), then the writer's work: the snapshot of θ owed from the last chunk
+    (``snapshot``: the net's output there), the durable point (``commit``; the run expects to end in
+    ``end_in`` seconds), then, within ``seconds`` of the start, a slice of the draft of the final
+    file, begun here if ``draft`` = (the steps, the snapshots) still to come. The file receives them
+    in the order it would without a chunk running."""
 
     def work() -> None:
         t0 = time.perf_counter()
+        saved.append(theta.copy())
         if snapshot is not None:
             writer.write_snapshot(step, theta, snapshot)
         if commit:
             writer.commit(step, theta, end_in=end_in)
         if draft is not None:
             writer.begin_final_draft(*draft)
-        writer.work_on_draft(seconds - (time.perf_counter() - t0))
+        if writer.drafting:
+            writer.work_on_draft(seconds - (time.perf_counter() - t0))
     return work
 
 
@@ -316,27 +319,27 @@ def _loop(config: RunConfig, theta: Particles, problem: Problem, backend: Backen
         if stop.signal is not None or step == steps:
             break
         n = min(chunk, steps - step, every - step % every)
-        start_theta = theta.copy()
         now = owed and (rate > 0 or not backend.overlaps)
         left = steps - step
         draft = None
         if (backend.overlaps and rate > 0 and (now or not writer.drafting) and left <= DRAFT_CHUNKS * n
                 and left <= DRAFT_SECONDS * rate):
             draft = (left, (steps - 1) // every - step // every + 1)  # snapshots: (step, steps]
-        meanwhile = _meanwhile(writer, step, start_theta, now, snapshot, draft, DRAFT_SHARE * n / rate if rate else 0.0,
-                               left / rate if rate else float("inf"))
+        saved: list[Particles] = []  # θ at step, copied while the chunk runs
+        meanwhile = _meanwhile(writer, step, theta, saved, now, snapshot, draft,
+                               DRAFT_SHARE * n / rate if rate else 0.0, left / rate if rate else float("inf"))
         snapshot = None
         try:
             traj, elapsed = clock.chunk(backend, theta, problem, config.ds, n, meanwhile)
         except BaseException:
-            if owed and not now:  # the point this chunk was not to carry: keep what was computed
+            if owed and not now and saved:  # the point this chunk was not to carry: keep what was computed
                 with contextlib.suppress(Exception):
-                    writer.commit(step, start_theta)
+                    writer.commit(step, saved[0])
             raise
         owed = owed and not now
         bad = int(health.first_bad_step(traj.loss, start=e0))
         if bad >= 0:
-            return _diverged(config, writer, backend, problem, start_theta, step, traj, bad, e0, clock)
+            return _diverged(config, writer, backend, problem, saved[0], step, traj, bad, e0, clock)
         writer.write_steps(step, traj.loss, traj.grad_norm)
         last_loss = float(traj.loss[-1])
         step += n

@@ -21,11 +21,12 @@ helper processes), which the training loop keeps apart from the steps. Julia bac
 ``transport``, ``threads``, ``describe()`` and ``close()``.
 
 ``begin_advance(theta, problem, ds, n)`` is ``advance`` in two halves: it returns a function
-that finishes the chunk and returns its ``Trajectory``. Between the two, ``theta`` must be
-neither read nor written and no other call made to the backend. A backend with ``overlaps``
-(the executable transport) returns while the chunk runs in its child process, so that the
-caller's own work (the run file's durable points) runs meanwhile; it then reports the
-chunk's duration in the child as ``kernel_seconds``. The others run the chunk at once.
+that finishes the chunk and returns its ``Trajectory``. Between the two, ``theta`` must not
+be written and no other call made to the backend. A backend with ``overlaps`` (the
+executable transport) returns while the chunk runs in its child process, so that the
+caller's own work (the run file's durable points) runs meanwhile; until the finishing call,
+``theta`` keeps the chunk's start state and may be read. It then reports the chunk's
+duration in the child as ``kernel_seconds``. The others run the chunk at once.
 
 """
 

@@ -474,7 +474,9 @@ class RunWriter:
         if not fits:
             self._discard_draft()
             return False
-        self._finish_draft(draft, [self._payload(step, theta, since=(n_mem, k_mem))], step)
+        # no trim: the run ends here, with one publish, not one per durable point; glibc keeps little of
+        # the draft's buffers (its large arrays were mmap'd and went back when freed) and reuses it
+        self._finish_draft(draft, [self._payload(step, theta, since=(n_mem, k_mem))], step, trim=False)
         return True
 
     def _start_draft(self, memory: list[dict[str, Any]], steps: int, snapshots: int) -> dict[str, Any]:
@@ -527,8 +529,9 @@ class RunWriter:
         del segments, parts
         return draft
 
-    def _finish_draft(self, draft: dict[str, Any], tail: list[dict[str, Any]], step: int) -> None:
-        """Add ``tail``'s rows to the draft, close and fsync it, rename it over the published file."""
+    def _finish_draft(self, draft: dict[str, Any], tail: list[dict[str, Any]], step: int, trim: bool = True) -> None:
+        """Add ``tail``'s rows to the draft, close and fsync it, rename it over the published file;
+        ``trim``: give the freed buffers back to the OS (``_give_back_memory``)."""
         try:
             self._write_rest(draft, tail, step)
             nc, draft["nc"] = draft["nc"], None
@@ -545,7 +548,8 @@ class RunWriter:
         self.published, self.published_bytes, self.pending = True, size, []
         self._published_at = time.monotonic()
         draft.clear()  # the whole series, before the memory goes back
-        _give_back_memory()
+        if trim:
+            _give_back_memory()
         self._grid = None
         # every segment now is either absorbed or stale (older runs, abandoned temporaries)
         for n in os.listdir(self.sidefd):
