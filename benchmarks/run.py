@@ -361,7 +361,7 @@ def main() -> None:
             print(f"mfres simulate --backend {backend}, {key} ...", file=sys.stderr, flush=True)
             try:
                 res["product"][(backend, key)] = simulate_per_step(backend, size, key, env, repeats)
-                res["split"][(backend, key)] = simulate_split(backend, size, key, env, 1)  # within one run: no drift
+                res["split"][(backend, key)] = simulate_split(backend, size, key, env, repeats)
             except (Skipped, subprocess.TimeoutExpired) as e:
                 res["skipped"][f"mfres simulate --backend {backend}"] = str(e)
                 break
@@ -381,7 +381,7 @@ def main() -> None:
     for backend in (None, "julia") if julia_ok else (None,):
         print(f"mfres sweep {backend or ''} batched vs separate ...", file=sys.stderr, flush=True)
         try:
-            res["sweeps"][backend or "default"] = sweep_throughput(16, env, 1, backend)
+            res["sweeps"][backend or "default"] = sweep_throughput(16, env, repeats, backend)
         except (Skipped, subprocess.TimeoutExpired) as e:
             res["skipped"][f"mfres sweep --backend {backend or '(default)'}"] = str(e)
     res["load_end"] = load()
@@ -486,10 +486,10 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
               "step-count differencing: (t(n2) − t(n1)) / (n2 − n1) of two whole `mfres simulate` commands with "
               "the same snapshot interval; medians over repeats. 'backend alone' is `NumpyBackend.advance` in a "
               "fresh process (the table above). The loop and file overhead is what `mfres simulate` itself "
-              "reports at the end of one run with its default snapshots (`time: … s stepping in the backend, "
+              "reports at the end of a run with its default snapshots (`time: … s stepping in the backend, "
               "… s in the loop, snapshots and file`, steps in the column's header), as a fraction of the "
-              "stepping: both times come from one process, so the machine's drift between processes (±10 % "
-              "here) does not enter it.", "",
+              "stepping, median over repeats: both times come from one process, so the machine's drift "
+              "between processes (±10 % here) does not enter it.", "",
               "| size | steps n1, n2 (snapshot every) | `--backend numpy` | NumPy backend alone | "
               "`--backend julia` | JAX jit | JAX / `--backend julia` | overhead numpy, julia (steps) |",
               "|---|---|---|---|---|---|---|---|"]
@@ -547,7 +547,8 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
                 per = get(bn, B) / B
                 best_batch = max(best_batch or 0, single / per)
                 lines.append(f"| {B} | {fmt_ms(get(bn, B))} | {fmt_ms(per)} | {single / per:.2f}× |")
-    lines += ["", "Through the product: `mfres sweep` over 16 seeds, one worker, batched (the default) against "
+    lines += ["", "Through the product (medians over repeats): `mfres sweep` over 16 seeds, one worker, batched "
+              "(the default) against "
               "`--keep-runs` (one run and one run file per seed), ms per net-step: the steps alone by step-count "
               "differencing (t(n2) − t(n1)) / (n2 − n1), and whole sweeps of n2 steps t(n2) / n2 (with the files "
               "that separate runs each write, and the sweep's fixed start of Python, imports and its Dask "
