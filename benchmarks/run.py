@@ -37,11 +37,14 @@ from contenders import SIZES  # noqa: E402
 
 THREADS = 2
 DEFAULT = (16, 64, 4, 64)  # mfres simulate's default L, M, d, N
-# (n1, n2) GD steps for step-count differencing through the product, and the snapshot interval
-# (small: 80000 steps between the two, ~2 s: the Julia start-up subtracted from each, 12-14 s
-# as the runs report it, is uncertain by ~0.1 s, 5 µs a step over 20000 steps)
-PRODUCT_STEPS = {"default": (500, 5500, 250), "small": (1000, 81000, 1000), "medium": (20, 320, 20),
-                 "large": (2, 12, 2)}
+# (n1, n2) GD steps for step-count differencing through the product, and the snapshot interval.
+# The Julia start-up subtracted from each run (12-14 s as the runs report it) and the process's
+# own start vary by a few tenths of a second: small takes 160000 steps between the two (~4 s;
+# with 80000 three repeats gave 22.5, 27.1 and 33.4 µs a step), large 40 with a snapshot every
+# 10 steps, as its 200-step split run has (with 10 steps and a snapshot every 2, 176, 262 and
+# 226 ms a step against 139 for the kernels alone).
+PRODUCT_STEPS = {"default": (500, 5500, 250), "small": (1000, 161000, 1000), "medium": (20, 320, 20),
+                 "large": (10, 50, 10)}
 # steps of one run for the in-run split of goal 4 (the default job's 2000 at the default size).
 # A run's file costs grow with its snapshots (about 20 by default, 9 MB of weights each at
 # large), not with its steps; large gets 200 steps (a snapshot every 10, 1-3 min per backend),
