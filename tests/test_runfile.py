@@ -445,8 +445,9 @@ def test_run_says_where_its_time_went(tmp_path: Path) -> None:
 
 def overlapping_backend(delay: float = 0.06):  # type: ignore[no-untyped-def]
     """A NumPy backend that ``overlaps`` like the executable transport: each chunk runs in a thread
-    that first sleeps ``delay`` s (longer than the writing of a tiny run); ``spans`` records each
-    chunk's (begin, end, seconds in the "child")."""
+    that first sleeps ``delay`` s (longer than the writing of a tiny run) and steps a copy of θ, which
+    the finishing call writes back (θ keeps the chunk's start state until then, as the Backend
+    interface says); ``spans`` records each chunk's (begin, end, seconds in the "child")."""
     import threading
     import time
 
@@ -463,9 +464,11 @@ def overlapping_backend(delay: float = 0.06):  # type: ignore[no-untyped-def]
             box: dict = {}
             t0 = time.perf_counter()
 
+            work = theta.copy()
+
             def child() -> None:
                 time.sleep(delay)
-                box["traj"] = NumpyBackend.advance(self, theta, problem, ds, n)
+                box["traj"] = NumpyBackend.advance(self, work, problem, ds, n)
 
             worker = threading.Thread(target=child)
             worker.start()
@@ -474,6 +477,8 @@ def overlapping_backend(delay: float = 0.06):  # type: ignore[no-untyped-def]
                 worker.join()
                 self.kernel_seconds = time.perf_counter() - t0
                 self.spans.append((t0, time.perf_counter(), self.kernel_seconds))
+                for v in "UWb":
+                    getattr(theta, v)[...] = getattr(work, v)
                 return box["traj"]
 
             return finish

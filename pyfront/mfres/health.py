@@ -28,7 +28,7 @@ def first_bad_step(loss: np.ndarray, start: Any = None, factor: float = RUNAWAY_
     """
     loss = np.asarray(loss, dtype=np.float64)
     ref = loss[0] if start is None else np.asarray(start, dtype=np.float64)
-    if loss.ndim == 1 and loss.size:  # the usual answer from two reductions: it runs after every chunk
+    if loss.ndim == 1 and loss.size and ref.ndim == 0:  # the usual answer from two reductions: after every chunk
         lo, hi = float(loss.min()), float(loss.max())
         if math.isfinite(lo) and math.isfinite(hi) and hi <= factor * abs(float(ref)):
             return np.intp(-1)
