@@ -275,8 +275,7 @@ def _meanwhile(writer: RunWriter, step: int, theta: Particles, saved: list[Parti
             writer.commit(step, theta, end_in=end_in)
         if draft is not None:
             writer.begin_final_draft(*draft)
-        if writer.drafting:
-            writer.work_on_draft(seconds - (time.perf_counter() - t0))
+        writer.work_on_draft(seconds - (time.perf_counter() - t0))
     return work
 
 
