@@ -1,6 +1,6 @@
 """The benchmark: every contender, same model and sizes, back to back; writes RESULTS.md.
 
-    python benchmarks/run.py [--julia PATH] [--quick] [--repeats R]
+    python benchmarks/run.py [--julia PATH] [--quick] [--repeats R] [--no-avx512]
 
 Contenders (each measured in a fresh process, medians over repeats, 2 threads unless
 named otherwise): the NumPy backend (2 threads, 1 thread, activations recomputed), the
@@ -10,7 +10,8 @@ where installed (``pip install -e '.[bench]'``). Through the product: ``mfres si
 per step, start-up excluded by step-count differencing, for ``--backend numpy`` and
 ``--backend julia`` (skipped, with the reason, where Julia cannot run), and batched
 seeds (``mfres sweep``) against separate runs. Also measured: the machine's dgemm rate,
-the Julia activation's rate, float32 against float64.
+the Julia activation's rate, float32 against float64. ``--no-avx512`` runs it all with every
+contender kept to AVX2 code (``no_avx512_env``), for the figures of a CPU without AVX-512.
 """
 
 from __future__ import annotations
@@ -50,6 +51,23 @@ PRODUCT_STEPS = {"default": (500, 5500, 250), "small": (1000, 161000, 1000), "me
 # large), not with its steps; large gets 200 steps (a snapshot every 10, 1-3 min per backend),
 # where 40 steps put a snapshot at every other step, a schedule no one trains a large net with.
 SPLIT_STEPS = {"default": 2000, "small": 20000, "medium": 600, "large": 200}
+
+
+NO_AVX512_FLAG = "MFRES_BENCH_NO_AVX512"
+
+
+def no_avx512_env() -> dict[str, str]:
+    """The environment that keeps every contender to AVX2 code on a CPU with AVX-512, as on one
+    without: NumPy's dispatch (its AVX-512 targets disabled), OpenBLAS's kernels (Haswell's),
+    XLA's code generation, PyTorch's kernels and the Julia child's code target (haswell)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__ as dispatch
+    except ImportError:  # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_dispatch__ as dispatch
+    wide = [f for f in dispatch if f.startswith("AVX512") or f == "X86_V4"]
+    return {NO_AVX512_FLAG: "1", "NPY_DISABLE_CPU_FEATURES": " ".join(wide), "OPENBLAS_CORETYPE": "Haswell",
+            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip(),
+            "ATEN_CPU_CAPABILITY": "avx2", "MFRES_JULIA_CPU_TARGET": "haswell"}
 
 
 class Skipped(Exception):
@@ -201,7 +219,7 @@ def _sweep_seconds(seeds: int, steps: int, env: dict, folder: str, separate: boo
     L, M, d, N = SIZES["small"]
     out = os.path.join(folder, f"s{steps}{separate}.nc")
     cmd = [sys.executable, "-m", "mfres.cli", "sweep", "-L", str(L), "-M", str(M), "-d", str(d), "-N", str(N),
-           "--seeds", str(seeds), "--steps", str(steps), "--ds", "0.1", "--workers", "1", "--out", out]
+           "--seeds", str(seeds), "--steps", str(steps), "--ds", "0.1", "--out", out]
     # (not --quiet: the sweep says how long its worker spent starting Julia, which _timed_command subtracts)
     if backend:
         cmd += ["--backend", backend]
@@ -219,9 +237,10 @@ def sweep_throughput(seeds: int, env: dict, repeats: int, backend: str | None) -
     (one call advances all seeds) and separate (``--keep-runs``: one run, one file per seed):
     by step-count differencing (``batched``, ``separate``: the steps alone), and whole sweeps
     of n2 steps (``batched_whole``, ``separate_whole``: with each run's own file, as a user's
-    separate runs pay it, and the sweep's fixed start of Python, imports and the Dask worker,
-    the same in both, which pulls that ratio towards 1), the Julia start-up and compilation
-    the sweep reports subtracted from both."""
+    separate runs pay it, and the sweep's fixed start of Python and its imports, the same in
+    both, which pulls that ratio towards 1), the Julia start-up and compilation the sweep
+    reports subtracted from both. The sweep places its one grid point as a user's command
+    without ``--workers`` does (``mfres.sweep.placement``: in the mfres process)."""
     # enough steps between the two that the difference (~10-20 s of 16 small nets) stands above the
     # seconds by which two processes' start-ups differ (with 400 NumPy steps it once came out negative)
     n1, n2 = (100, 40100) if backend == "julia" else (100, 2100)
@@ -269,6 +288,20 @@ def blas_description() -> str:
     if os.environ.get("OPENBLAS_CORETYPE"):
         desc += f"; OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
     return desc
+
+
+def isa_note() -> str:
+    """What --no-avx512 limited, as measured in this process (NumPy's tanh loop) and set for the others."""
+    if not os.environ.get(NO_AVX512_FLAG):
+        return ""
+    from numpy.lib.introspect import opt_func_info
+
+    tanh = next(iter(opt_func_info(func_name="^tanh$", signature="float64")["tanh"].values()))["current"]
+    return (f"AVX-512 disabled in every contender, as on a CPU without it (emulated on this one): NumPy dispatch "
+            f"without {os.environ['NPY_DISABLE_CPU_FEATURES']} (its float64 tanh loop here: {tanh}), "
+            f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}, XLA_FLAGS={os.environ['XLA_FLAGS']}, "
+            f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}, Julia -C "
+            f"{os.environ['MFRES_JULIA_CPU_TARGET']}. Cache sizes and clock are this CPU's, not an AVX2-only one's.")
 
 
 def load() -> str:
@@ -321,7 +354,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="repeats through the product (medians)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--from-json", default=None, help="only rewrite --out from a saved results.json")
+    p.add_argument("--no-avx512", action="store_true",
+                   help="keep every contender to AVX2 code (a CPU without AVX-512, emulated); default --out "
+                        "RESULTS-no-avx512.md")
     a = p.parse_args()
+    if a.no_avx512 and not os.environ.get(NO_AVX512_FLAG):  # again, with this process's NumPy limited too
+        if a.out == str(HERE / "RESULTS.md"):
+            sys.argv += ["--out", str(HERE / "RESULTS-no-avx512.md")]
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **no_avx512_env()})
     if a.from_json:
         res = load_saved(a.from_json)
         write_results(a.out, res, res["sizes"])
@@ -332,7 +372,7 @@ def main() -> None:
     repeats = 1 if a.quick else a.repeats
     sched = {"small": (100, 3), "medium": (10, 3), "large": (2, 3)}
     started = time.time()
-    res: dict = {"load_start": load(), "cpu": cpu_description(), "blas": blas_description(),
+    res: dict = {"load_start": load(), "cpu": cpu_description(), "blas": blas_description(), "isa": isa_note(),
                  "peaks": {t: matmul_peak(t) for t in ("float64", "float32")}, "rows": [], "product": {}, "split": {},
                  "skipped": {}, "versions": {m: version_of(m) for m in peers}}
     res["versions"]["julia"] = (subprocess.run([julia, "--version"], capture_output=True, text=True).stdout.strip()
@@ -378,6 +418,7 @@ def main() -> None:
     res["batched_numpy"] = {"single": contender("numpy", "small", "float64"),
                             **{B: contender("numpy", "small", "float64", "--batch", str(B)) for B in (16, 64)}}
     res["sweeps"] = {}
+    res["sweep_placement"] = "placed as without `--workers` (one task: in the mfres process, no Dask cluster)"
     julia_ok = any(b == "julia" for b, _ in res["product"])
     if not julia_ok:
         res["skipped"]["mfres sweep --backend julia"] = "Julia does not run through the product here (above)"
@@ -390,7 +431,7 @@ def main() -> None:
     res["load_end"] = load()
     res["seconds"] = time.time() - started
     res["sizes"] = sizes
-    save(res, HERE / "results.json")
+    save(res, HERE / ("results-no-avx512.json" if os.environ.get(NO_AVX512_FLAG) else "results.json"))
     write_results(a.out, res, sizes)
     print(f"wrote {a.out}", file=sys.stderr)
 
@@ -419,11 +460,13 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
     lines = [
         "# Benchmarks",
         "",
-        f"Produced by `python benchmarks/run.py` on {dt.datetime.now():%Y-%m-%d %H:%M}, in {res['seconds']:.0f} s.",
+        f"Produced by `python benchmarks/run.py{' --no-avx512' if res.get('isa') else ''}` on "
+        f"{dt.datetime.now():%Y-%m-%d %H:%M}, in {res['seconds']:.0f} s.",
         "",
         f"- CPU: {cpu['model']}, {os.cpu_count()} cores; vector extensions: "
         f"{' '.join(cpu['flags']) or 'none listed'}{'' if avx512 else ' (no AVX-512)'}.",
         f"- NumPy {np.__version__}, BLAS: {res['blas']}.",
+        *([f"- {res['isa']}"] if res.get("isa") else []),
         f"- Measured dgemm rate (dense 2048×2048 through NumPy's BLAS, best of 5): {peaks['float64']:.1f} GFLOP/s "
         f"float64, {peaks['float32']:.1f} GFLOP/s float32.",
         f"- Python {platform.python_version()}, {vers.get('julia')}, PyTorch {vers.get('torch', 'not installed')}, "
@@ -550,12 +593,13 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
                 per = get(bn, B) / B
                 best_batch = max(best_batch or 0, single / per)
                 lines.append(f"| {B} | {fmt_ms(get(bn, B))} | {fmt_ms(per)} | {single / per:.2f}× |")
-    lines += ["", "Through the product (medians over repeats): `mfres sweep` over 16 seeds, one worker, batched "
-              "(the default) against "
+    placed = res.get("sweep_placement", "one Dask worker (`--workers 1`)")
+    lines += ["", f"Through the product (medians over repeats): `mfres sweep` over 16 seeds at one grid point, "
+              f"{placed}, batched (the default) against "
               "`--keep-runs` (one run and one run file per seed), ms per net-step: the steps alone by step-count "
               "differencing (t(n2) − t(n1)) / (n2 − n1), and whole sweeps of n2 steps t(n2) / n2 (with the files "
-              "that separate runs each write, and the sweep's fixed start of Python, imports and its Dask "
-              "worker); the Julia start-up and compilation the sweep reports is subtracted from every t.", "",
+              "that separate runs each write, and the sweep's fixed start of Python and its imports); the Julia "
+              "start-up and compilation the sweep reports is subtracted from every t.", "",
               "| sweep | steps n1, n2 | batched | separate | ratio | whole: batched | separate | ratio |",
               "|---|---|---|---|---|---|---|---|"]
     for name, sw in res["sweeps"].items():

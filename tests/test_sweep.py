@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -26,7 +27,16 @@ from mfres import analysis
 from mfres import plot as figures
 from mfres.cli import main
 from mfres.errors import ConfigError, StorageError
-from mfres.sweep import STATUSES, SweepSpec, describe, is_sweep_file, open_sweep, run_file_name, run_sweep
+from mfres.sweep import (
+    STATUSES,
+    SweepSpec,
+    describe,
+    is_sweep_file,
+    open_sweep,
+    placement,
+    run_file_name,
+    run_sweep,
+)
 from mfres.sweep_store import SweepStore
 
 matplotlib.use("Agg")
@@ -144,6 +154,57 @@ def test_sweep_on_an_existing_scheduler(tmp_path: Path) -> None:
     assert ds["loss"].dims == ("activation", "depth", "width", "seed", "step")
     assert list(ds["activation"].values) == ["tanh", "gelu"]
     assert not np.isnan(ds["loss"].values).any()
+
+
+@pytest.mark.parametrize(("workers", "scheduler", "tasks", "cores", "expected"), [
+    (None, None, 1, 2, ("here", 1, None)),  # one task: no cluster to start
+    (None, None, 5, 1, ("here", 1, None)),  # one core
+    (None, None, 5, 2, ("local", 2, 1)),
+    (None, None, 3, 8, ("local", 3, 2)),  # one worker per task, the cores shared among them
+    (1, None, 1, 2, ("local", 1, 2)),  # asked for: a cluster, whose worker has every core
+    (4, None, 2, 2, ("local", 2, 1)),
+    (3, None, 9, 2, ("local", 3, 1)),  # more workers than cores: one thread each
+    (None, "synchronous", 5, 2, ("here", 1, None)),
+    (None, "tcp://127.0.0.1:8786", 5, 2, ("scheduler", 0, None)),
+])
+def test_placement(workers: int | None, scheduler: str | None, tasks: int, cores: int, expected: tuple) -> None:
+    p = placement(workers, scheduler, tasks, cores)
+    assert (p.where, p.workers, p.threads) == expected
+
+
+def test_default_sweep_of_one_task_starts_no_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left to choose, a sweep with one task runs it here (no cluster is started), bitwise as
+    --scheduler synchronous does; with several tasks it starts one worker per task up to the cores."""
+    sweep_mod = importlib.import_module("mfres.sweep")  # (the attribute mfres.sweep is the API function)
+    started: list[int] = []
+
+    def no_cluster(workers: int) -> None:
+        started.append(workers)
+        raise RuntimeError("no cluster in this test")
+
+    monkeypatch.setattr(sweep_mod, "_local_cluster", no_cluster)
+    spec = SweepSpec((2,), (5,), 3, base={"dim": 2, "samples": 8, "steps": 12, "ds": 0.5})
+    infos: list[dict] = []
+    counts = run_sweep(spec, str(tmp_path / "one.nc"), progress=lambda d, t, info: infos.append(info))
+    assert counts["ok"] == 3 and started == []
+    assert infos[-1]["threads"] == sweep_mod.default_threads()  # every core, as a run alone has
+    run_sweep(spec, str(tmp_path / "sync.nc"), scheduler="synchronous")
+    assert_same_results(open_sweep(str(tmp_path / "one.nc")), open_sweep(str(tmp_path / "sync.nc")))
+    monkeypatch.setattr(sweep_mod, "default_threads", lambda: 4)
+    wide = SweepSpec((2,), (3, 4, 5), 2, base={"dim": 2, "samples": 8, "steps": 4})
+    with pytest.raises(RuntimeError, match="no cluster in this test"):
+        run_sweep(wide, str(tmp_path / "wide.nc"))
+    assert started == [3]
+
+
+def test_local_workers_share_the_cores(tmp_path: Path) -> None:
+    """Each of a local cluster's W workers gives its backend cores // W threads (at least 1)."""
+    spec = SweepSpec((2,), (3, 4), 2, base={"dim": 2, "samples": 8, "steps": 4})
+    infos: list[dict] = []
+    counts = run_sweep(spec, str(tmp_path / "s.nc"), workers=2, progress=lambda d, t, info: infos.append(info))
+    assert counts["ok"] == 4
+    cores = len(os.sched_getaffinity(0))
+    assert [i["threads"] for i in infos if i] == [max(1, cores // 2)] * 2
 
 
 def test_keep_runs_writes_run_files(tmp_path: Path) -> None:

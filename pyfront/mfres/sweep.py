@@ -41,6 +41,7 @@ import numpy as np
 from . import __version__
 from .config import RunConfig
 from .errors import BackendError, ConfigError, MfresError, StorageError
+from .model import default_threads
 from .sweep_store import RUN_VARIABLES, STATUSES, SweepStore, check_regular
 from .sweep_store import read as _read
 
@@ -263,6 +264,38 @@ def _local_cluster(workers: int) -> Any:
                            "the finished runs are kept: run the same command again") from None
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a sweep's tasks run: ``here`` (this process, one after another), ``local`` (a new
+    cluster of ``workers`` processes on 127.0.0.1) or ``scheduler`` (a running cluster), and
+    the ``threads`` each task's backend gets when the sweep's options leave them unset
+    (``None``: all the cores of the process that runs it)."""
+
+    where: str
+    workers: int
+    threads: int | None
+
+
+def placement(workers: int | None, scheduler: str | None, tasks: int, cores: int) -> Placement:
+    """Place ``tasks`` tasks on a machine of ``cores`` cores.
+
+    ``scheduler``: an address (that cluster) or ``"synchronous"`` (here). ``workers`` N:
+    a local cluster of N processes, fewer when fewer tasks are to do. Neither: one process
+    per core, at most one per task, and a single one runs here, without a cluster, whose
+    start (about 1.5 s measured, more than a small task's work) would buy no parallelism.
+    A local cluster's W workers share the cores: each task's backend gets cores // W
+    threads (Julia threads, NumPy helper processes), not every core W times over.
+    """
+    if scheduler == SYNCHRONOUS:
+        return Placement("here", 1, None)
+    if scheduler:
+        return Placement("scheduler", 0, None)
+    n = max(1, min(workers or cores, tasks))
+    if workers is None and n == 1:
+        return Placement("here", 1, None)
+    return Placement("local", n, max(1, cores // n))
+
+
 def _check_workers(workers: Any, scheduler: str | None) -> int | None:
     if workers is None:
         return None
@@ -327,7 +360,8 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
 
     ``scheduler``: the address of a running ``dask.distributed`` scheduler, or
     ``"synchronous"`` to run the tasks in this process one after another; otherwise a
-    local cluster of ``workers`` processes (default: one per core) on 127.0.0.1.
+    local cluster of ``workers`` processes on 127.0.0.1, or by default one per core, where
+    a single task to do runs in this process (``placement``).
     ``backend``: numpy, julia or auto, chosen in each worker. ``overwrite``: start afresh,
     removing an existing ``out`` and its sidecar folder ``out.parts``. ``progress(done,
     total, info)`` is called as tasks end (``info``: the task's options, its runs' ``status``
@@ -344,9 +378,9 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
             os.makedirs(keep_runs, exist_ok=True)
         except OSError as e:
             raise StorageError(f"cannot create {keep_runs}: {e.strerror}") from None
-    n_workers = workers or (1 if scheduler == SYNCHRONOUS else os.cpu_count() or 1)
+    cores = default_threads()
     if not scheduler or scheduler == SYNCHRONOUS:
-        _check_memory(spec, n_workers, bool(keep_runs))
+        _check_memory(spec, placement(workers, scheduler, len(spec.groups()), cores).workers, bool(keep_runs))
     attrs = _attributes(spec, command)
     client = None
     if scheduler and scheduler != SYNCHRONOUS:  # before any file is made: a wrong address leaves nothing
@@ -367,7 +401,8 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
             progress(done, total, {})
         last = time.monotonic()
         cost = 0.0
-        results = _results(spec, todo, n_workers, scheduler, client, backend, keep_runs)
+        place = placement(workers, scheduler, len(todo), cores)
+        results = _results(spec, todo, place, client, backend, keep_runs)
         with contextlib.closing(results):
             for g, redo, result in results:
                 store.record(g["index"], redo, result)
@@ -380,7 +415,8 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
                 if progress:
                     progress(done, total, {**g["options"], "status": list(result["status"]),
                                            "startup_seconds": float(result.get("startup_seconds", 0.0)),
-                                           "backend": str(result.get("backend", ""))})
+                                           "backend": str(result.get("backend", "")),
+                                           "threads": int(result.get("threads", 0))})
         if store.dirty:
             store.publish()
         return store.state.counts()
@@ -391,11 +427,10 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
         store.close()
 
 
-def _results(spec: SweepSpec, todo: list[tuple[dict[str, Any], list[int]]], workers: int, scheduler: str | None,
-             client: Any, backend: str, keep_runs: str | None
-             ) -> Iterator[tuple[dict[str, Any], list[int], dict[str, Any]]]:
-    """Run the tasks (on ``client``, else a new local cluster); yield (group, seed positions, result)
-    as they end, a lost task as ``failed``."""
+def _results(spec: SweepSpec, todo: list[tuple[dict[str, Any], list[int]]], place: Placement, client: Any,
+             backend: str, keep_runs: str | None) -> Iterator[tuple[dict[str, Any], list[int], dict[str, Any]]]:
+    """Run the tasks as ``place`` says (on ``client`` for a scheduler); yield (group, seed positions,
+    result) as they end, a lost task as ``failed``."""
     from .sweep_task import run_task
 
     if not todo:
@@ -407,9 +442,12 @@ def _results(spec: SweepSpec, todo: list[tuple[dict[str, Any], list[int]]], work
 
     def args(g: dict[str, Any], redo: list[int]) -> tuple[Any, ...]:
         name = _namer(spec, g["options"]) if keep_runs else None
-        return g["options"], [seeds[j] for j in redo], g["stride"], backend, keep_runs, name
+        options = g["options"]
+        if place.threads and options.get("threads") is None:
+            options = {**options, "threads": place.threads}
+        return options, [seeds[j] for j in redo], g["stride"], backend, keep_runs, name
 
-    if scheduler == SYNCHRONOUS:
+    if place.where == "here":
         for g, redo in todo:
             yield g, redo, run_task(*args(g, redo))
         return
@@ -418,7 +456,7 @@ def _results(spec: SweepSpec, todo: list[tuple[dict[str, Any], list[int]]], work
 
         cluster = None
         if client is None:
-            client, cluster = _local_cluster(workers)
+            client, cluster = _local_cluster(place.workers)
         try:
             futures = {client.submit(run_task, *args(g, redo), pure=False): (g, redo) for g, redo in todo}
             finished = as_completed(futures)

@@ -61,8 +61,9 @@ def run_task(options: dict[str, Any], seeds: Sequence[int], stride: int, backend
 
     ``options``: ``RunConfig`` fields but ``seed`` (``steps`` already the run's own);
     returns per run ``loss`` (B, steps/stride + 1), ``status``, ``message``, ``seconds``,
-    ``rise_count``, ``max_rise``, and the ``backend`` used and the task's ``startup_seconds``
-    (Julia's start and compilation, NumPy's helper processes, when the task paid for them).
+    ``rise_count``, ``max_rise``, and the ``backend`` used, its ``threads`` and the task's
+    ``startup_seconds`` (Julia's start and compilation, NumPy's helper processes, when the task
+    paid for them).
     """
     t0, s0 = time.perf_counter(), startup_total()
     B = len(seeds)
@@ -75,11 +76,11 @@ def run_task(options: dict[str, Any], seeds: Sequence[int], stride: int, backend
                 cfg = RunConfig(**{**options, "seed": seed, "backend": backend})
                 loss, status, msg, used = _one_run_file(cfg, os.path.join(keep_runs, run_name(seed)))
                 _judge(out, j, loss, stride, status, msg, cfg.ds)
-                out["backend"] = used
+                out["backend"], out["threads"] = used.name, int(getattr(used, "threads", 0) or 0)
         else:
             cfg = RunConfig(**{**options, "seed": seeds[0], "backend": backend})
             losses, used = _batched(cfg, seeds)
-            out["backend"] = used
+            out["backend"], out["threads"] = used.name, int(getattr(used, "threads", 0) or 0)
             for j in range(B):
                 _judge(out, j, losses[:, j], stride, "ok", "", cfg.ds)
     except Exception as e:  # a failed task is a result, not a crash of the sweep
@@ -125,7 +126,7 @@ def _judge(out: dict[str, Any], j: int, loss: np.ndarray, stride: int, status: s
     out["message"][j] = message
 
 
-def _batched(cfg: RunConfig, seeds: Sequence[int]) -> tuple[np.ndarray, str]:
+def _batched(cfg: RunConfig, seeds: Sequence[int]) -> tuple[np.ndarray, Any]:
     from . import data as data_mod
     from .backends import Problem
     from .model import Particles
@@ -143,10 +144,10 @@ def _batched(cfg: RunConfig, seeds: Sequence[int]) -> tuple[np.ndarray, str]:
     backend = worker_backend(cfg.backend, cfg.threads, cfg.device, cfg.memory)
     with np.errstate(all="ignore"):
         traj = backend.advance(theta, problem, cfg.ds, cfg.steps)
-    return np.asarray(traj.loss, dtype=np.float64).reshape(-1, len(seeds)), backend.name
+    return np.asarray(traj.loss, dtype=np.float64).reshape(-1, len(seeds)), backend
 
 
-def _one_run_file(cfg: RunConfig, path: str) -> tuple[np.ndarray, str, str, str]:
+def _one_run_file(cfg: RunConfig, path: str) -> tuple[np.ndarray, str, str, Any]:
     from .errors import RunStopped
     from .store import open_run
     from .train import run
@@ -160,4 +161,4 @@ def _one_run_file(cfg: RunConfig, path: str) -> tuple[np.ndarray, str, str, str]
     with open_run(path, load=True) as ds:
         loss = np.asarray(ds["loss"].values, dtype=np.float64)
         done = int(ds.attrs.get("steps_done", len(loss) - 1))
-    return loss[: done + 1], status, msg, backend.name
+    return loss[: done + 1], status, msg, backend
