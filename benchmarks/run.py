@@ -59,7 +59,8 @@ NO_AVX512_FLAG = "MFRES_BENCH_NO_AVX512"
 def no_avx512_env() -> dict[str, str]:
     """The environment that keeps every contender to AVX2 code on a CPU with AVX-512, as on one
     without: NumPy's dispatch (its AVX-512 targets disabled), OpenBLAS's kernels (Haswell's),
-    XLA's code generation, PyTorch's kernels and the Julia child's code target (haswell)."""
+    XLA's code generation, PyTorch's own kernels and its MKL and oneDNN, and the Julia child's
+    code target (haswell; the executable transport, as juliacall takes no target)."""
     try:
         from numpy._core._multiarray_umath import __cpu_dispatch__ as dispatch
     except ImportError:  # NumPy 1.x
@@ -67,7 +68,8 @@ def no_avx512_env() -> dict[str, str]:
     wide = [f for f in dispatch if f.startswith("AVX512") or f == "X86_V4"]
     return {NO_AVX512_FLAG: "1", "NPY_DISABLE_CPU_FEATURES": " ".join(wide), "OPENBLAS_CORETYPE": "Haswell",
             "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip(),
-            "ATEN_CPU_CAPABILITY": "avx2", "MFRES_JULIA_CPU_TARGET": "haswell"}
+            "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "DNNL_MAX_CPU_ISA": "AVX2", "MFRES_JULIA_CPU_TARGET": "haswell", "MFRES_JULIA_TRANSPORT": "executable"}
 
 
 class Skipped(Exception):
@@ -294,14 +296,20 @@ def isa_note() -> str:
     """What --no-avx512 limited, as measured in this process (NumPy's tanh loop) and set for the others."""
     if not os.environ.get(NO_AVX512_FLAG):
         return ""
-    from numpy.lib.introspect import opt_func_info
+    try:
+        from numpy.lib.introspect import opt_func_info
 
-    tanh = next(iter(opt_func_info(func_name="^tanh$", signature="float64")["tanh"].values()))["current"]
+        tanh = next(iter(opt_func_info(func_name="^tanh$", signature="float64")["tanh"].values()))["current"]
+    except (ImportError, KeyError, StopIteration):  # NumPy 1.x
+        tanh = "?"
+    env = {k: os.environ.get(k, "(unset)") for k in no_avx512_env()}
     return (f"AVX-512 disabled in every contender, as on a CPU without it (emulated on this one): NumPy dispatch "
-            f"without {os.environ['NPY_DISABLE_CPU_FEATURES']} (its float64 tanh loop here: {tanh}), "
-            f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}, XLA_FLAGS={os.environ['XLA_FLAGS']}, "
-            f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}, Julia -C "
-            f"{os.environ['MFRES_JULIA_CPU_TARGET']}. Cache sizes and clock are this CPU's, not an AVX2-only one's.")
+            f"without {env['NPY_DISABLE_CPU_FEATURES']} (its float64 tanh loop here: {tanh}), "
+            f"OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}, XLA_FLAGS={env['XLA_FLAGS']}, PyTorch with "
+            f"ATEN_CPU_CAPABILITY={env['ATEN_CPU_CAPABILITY']}, MKL_ENABLE_INSTRUCTIONS="
+            f"{env['MKL_ENABLE_INSTRUCTIONS']} and ONEDNN_MAX_CPU_ISA={env['ONEDNN_MAX_CPU_ISA']}, Julia through "
+            f"the executable with -C {env['MFRES_JULIA_CPU_TARGET']}. Cache sizes and clock are this CPU's, not "
+            "an AVX2-only one's.")
 
 
 def load() -> str:
@@ -359,12 +367,16 @@ def main() -> None:
                         "RESULTS-no-avx512.md")
     a = p.parse_args()
     if a.no_avx512 and not os.environ.get(NO_AVX512_FLAG):  # again, with this process's NumPy limited too
+        if not {"avx2", "fma"} <= set(cpu_description()["flags"]):
+            sys.exit("--no-avx512 keeps the contenders to AVX2 and FMA code, which this CPU lacks")
+        argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
         if a.out == str(HERE / "RESULTS.md"):
-            sys.argv += ["--out", str(HERE / "RESULTS-no-avx512.md")]
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **no_avx512_env()})
+            argv += ["--out", str(HERE / "RESULTS-no-avx512.md")]
+        os.execve(sys.executable, argv, {**os.environ, **no_avx512_env()})
     if a.from_json:
         res = load_saved(a.from_json)
-        write_results(a.out, res, res["sizes"])
+        out = HERE / "RESULTS-no-avx512.md" if res.get("isa") and a.out == str(HERE / "RESULTS.md") else a.out
+        write_results(str(out), res, res["sizes"])
         return
     julia = find_julia(a.julia)
     peers = [name for name, mod in (("torch", "torch"), ("jax", "jax")) if have(mod)]

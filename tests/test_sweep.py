@@ -164,7 +164,7 @@ def test_sweep_on_an_existing_scheduler(tmp_path: Path) -> None:
     (1, None, 1, 2, ("local", 1, 2)),  # asked for: a cluster, whose worker has every core
     (4, None, 2, 2, ("local", 2, 1)),
     (3, None, 9, 2, ("local", 3, 1)),  # more workers than cores: one thread each
-    (None, "synchronous", 5, 2, ("here", 1, None)),
+    (None, "synchronous", 5, 2, ("synchronous", 1, None)),
     (None, "tcp://127.0.0.1:8786", 5, 2, ("scheduler", 0, None)),
 ])
 def test_placement(workers: int | None, scheduler: str | None, tasks: int, cores: int, expected: tuple) -> None:
@@ -183,11 +183,14 @@ def test_default_sweep_of_one_task_starts_no_cluster(tmp_path: Path, monkeypatch
         raise RuntimeError("no cluster in this test")
 
     monkeypatch.setattr(sweep_mod, "_local_cluster", no_cluster)
+    task_mod = importlib.import_module("mfres.sweep_task")
+    monkeypatch.setattr(task_mod, "_BACKENDS", {})  # (none kept by an earlier test in this process)
     spec = SweepSpec((2,), (5,), 3, base={"dim": 2, "samples": 8, "steps": 12, "ds": 0.5})
     infos: list[dict] = []
     counts = run_sweep(spec, str(tmp_path / "one.nc"), progress=lambda d, t, info: infos.append(info))
     assert counts["ok"] == 3 and started == []
     assert infos[-1]["threads"] == sweep_mod.default_threads()  # every core, as a run alone has
+    assert not task_mod._BACKENDS  # closed with the sweep
     run_sweep(spec, str(tmp_path / "sync.nc"), scheduler="synchronous")
     assert_same_results(open_sweep(str(tmp_path / "one.nc")), open_sweep(str(tmp_path / "sync.nc")))
     monkeypatch.setattr(sweep_mod, "default_threads", lambda: 4)
@@ -198,13 +201,16 @@ def test_default_sweep_of_one_task_starts_no_cluster(tmp_path: Path, monkeypatch
 
 
 def test_local_workers_share_the_cores(tmp_path: Path) -> None:
-    """Each of a local cluster's W workers gives its backend cores // W threads (at least 1)."""
-    spec = SweepSpec((2,), (3, 4), 2, base={"dim": 2, "samples": 8, "steps": 4})
+    """Each of a local cluster's W workers gives its backend cores // W threads (at least 1), with
+    bitwise the numbers of the same sweep run here on every core."""
+    spec = SweepSpec((2,), (3, 40), 2, base={"dim": 2, "samples": 64, "steps": 30, "ds": 0.5})
     infos: list[dict] = []
     counts = run_sweep(spec, str(tmp_path / "s.nc"), workers=2, progress=lambda d, t, info: infos.append(info))
     assert counts["ok"] == 4
-    cores = len(os.sched_getaffinity(0))
+    cores = mfres.model.default_threads()
     assert [i["threads"] for i in infos if i] == [max(1, cores // 2)] * 2
+    run_sweep(spec, str(tmp_path / "here.nc"), scheduler="synchronous")
+    assert_same_results(open_sweep(str(tmp_path / "s.nc")), open_sweep(str(tmp_path / "here.nc")))
 
 
 def test_keep_runs_writes_run_files(tmp_path: Path) -> None:
@@ -738,6 +744,29 @@ def test_describe_and_is_sweep_file(tmp_path: Path, reference: xr.Dataset) -> No
     assert not is_sweep_file(str(run))
     with pytest.raises(ConfigError, match="not a sweep file"):
         open_sweep(str(run))
+
+
+def test_ctrl_c_stops_a_sweep_of_kept_runs_in_this_process(tmp_path: Path) -> None:
+    """SIGINT of a one-task `--keep-runs` sweep (placed in the mfres process): the sweep stops (it
+    does not go on to the next seed), the interrupted run's file says so, a re-run completes it."""
+    out, runs = tmp_path / "s.nc", tmp_path / "runs"
+    args = [*CLI, "sweep", "-L", "3", "-M", "96", "--seeds", "4", "-d", "2", "-N", "32", "--steps", "3000",
+            "--ds", "0.2", "--quiet", "--keep-runs", str(runs), "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and len(list(runs.glob("*.nc"))) < 2:
+        time.sleep(0.02)  # the second run has started: the first is finished
+    assert proc.poll() is None, "the sweep ended before the test could interrupt it"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip().startswith("Error: interrupted") and "Traceback" not in err, err
+    files = sorted(runs.glob("*.nc"), key=lambda f: f.stat().st_mtime)
+    assert len(files) == 2, files  # no run after the interrupted one
+    assert [mfres.open_run(str(f)).attrs["status"] for f in files] == ["finished", "interrupted"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert set(open_sweep(str(out))["status"].values.ravel().astype(str)) == {"ok"}
 
 
 def test_ctrl_c_keeps_finished_runs(tmp_path: Path) -> None:

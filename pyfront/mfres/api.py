@@ -194,8 +194,8 @@ def sweep(out: str = "sweep.nc", *, depth: int | Sequence[int] = 16, width: int 
     point (``seed``, ``seed``+1, ...). ``activation``, ``init`` and ``ds`` sweep too when
     given a list of several values. Every other keyword is a ``simulate`` option shared
     by all runs (``steps``, ``dim``, ``samples``, ``data``, ``seed``, ...; the backend is
-    NumPy). ``workers``: local Dask processes (default one per core, at most one per grid
-    point, and a single grid point runs in this process); ``scheduler``: the
+    NumPy). ``workers``: local Dask processes (at most one per grid point left to do; by
+    default one per core, and a single one runs in this process); ``scheduler``: the
     address of a running ``dask.distributed`` scheduler instead; ``keep_runs``: a folder
     for every run's own file; ``backend``: the backend of the workers; ``overwrite``: start
     afresh on an existing ``out``. Calling again with the same arguments on the same ``out``

@@ -265,8 +265,9 @@ runs that are missing or failed. Swept Δs values must divide the largest one.
 @click.option("--seeds", type=int, default=4, show_default=True,
               help="Initialisation seeds per grid point (trained together as one batch).")
 @click.option("--workers", type=int, default=None,
-              help="Local Dask worker processes, each with cores/N threads [default: one per core, at most one "
-                   "per grid point; a single one runs in this process, without a cluster].")
+              help="Local Dask worker processes, at most one per grid point left to do, sharing the cores "
+                   "unless --threads is given [default: one per core; a single one runs in this process, "
+                   "without a cluster].")
 @click.option("--scheduler", default=None,
               help="Address of a running dask.distributed scheduler to use instead, or 'synchronous' "
                    "(run the tasks in this process).")

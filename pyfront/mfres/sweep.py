@@ -266,10 +266,11 @@ def _local_cluster(workers: int) -> Any:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a sweep's tasks run: ``here`` (this process, one after another), ``local`` (a new
-    cluster of ``workers`` processes on 127.0.0.1) or ``scheduler`` (a running cluster), and
-    the ``threads`` each task's backend gets when the sweep's options leave them unset
-    (``None``: all the cores of the process that runs it)."""
+    """Where a sweep's tasks run: ``here`` (this process, one after another, placed so by
+    default), ``synchronous`` (the same, asked for), ``local`` (a new cluster of ``workers``
+    processes on 127.0.0.1) or ``scheduler`` (a running cluster), and the ``threads`` each
+    task's backend gets when the sweep's options leave them unset (``None``: the backend's own
+    default, as for a run alone)."""
 
     where: str
     workers: int
@@ -281,13 +282,14 @@ def placement(workers: int | None, scheduler: str | None, tasks: int, cores: int
 
     ``scheduler``: an address (that cluster) or ``"synchronous"`` (here). ``workers`` N:
     a local cluster of N processes, fewer when fewer tasks are to do. Neither: one process
-    per core, at most one per task, and a single one runs here, without a cluster, whose
-    start (about 1.5 s measured, more than a small task's work) would buy no parallelism.
-    A local cluster's W workers share the cores: each task's backend gets cores // W
-    threads (Julia threads, NumPy helper processes), not every core W times over.
+    per core, at most one per task, and a single one (one task, or one core) runs here,
+    without a cluster, whose start (about 1.5 s measured, more than a small task's work)
+    would buy no parallelism. A local cluster's W workers share the cores: each task's
+    backend gets cores // W threads (Julia threads, NumPy helper processes), not every core
+    W times over.
     """
     if scheduler == SYNCHRONOUS:
-        return Placement("here", 1, None)
+        return Placement(SYNCHRONOUS, 1, None)
     if scheduler:
         return Placement("scheduler", 0, None)
     n = max(1, min(workers or cores, tasks))
@@ -364,8 +366,9 @@ def run_sweep(spec: SweepSpec, out: str, *, workers: int | None = None, schedule
     a single task to do runs in this process (``placement``).
     ``backend``: numpy, julia or auto, chosen in each worker. ``overwrite``: start afresh,
     removing an existing ``out`` and its sidecar folder ``out.parts``. ``progress(done,
-    total, info)`` is called as tasks end (``info``: the task's options, its runs' ``status``
-    and the ``startup_seconds`` its ``backend`` paid). Only one process may write ``out`` at a time.
+    total, info)`` is called as tasks end (``info``: the task's options, its runs' ``status``,
+    the ``startup_seconds`` its ``backend`` paid and that backend's ``threads``). Only one
+    process may write ``out`` at a time.
     """
     workers = _check_workers(workers, scheduler)
     if backend not in BACKENDS:
@@ -439,17 +442,28 @@ def _results(spec: SweepSpec, todo: list[tuple[dict[str, Any], list[int]]], plac
                 client.close(timeout=5)
         return
     seeds = spec.seed_values
+    # a Julia thread count the user set in the environment is theirs, in workers as in a run alone
+    julia_threads_set = any(os.environ.get(v) for v in ("JULIA_NUM_THREADS", "PYTHON_JULIACALL_THREADS"))
 
     def args(g: dict[str, Any], redo: list[int]) -> tuple[Any, ...]:
         name = _namer(spec, g["options"]) if keep_runs else None
         options = g["options"]
-        if place.threads and options.get("threads") is None:
+        if place.threads and options.get("threads") is None and not (backend != "numpy" and julia_threads_set):
             options = {**options, "threads": place.threads}
         return options, [seeds[j] for j in redo], g["stride"], backend, keep_runs, name
 
-    if place.where == "here":
-        for g, redo in todo:
-            yield g, redo, run_task(*args(g, redo))
+    if place.where in ("here", SYNCHRONOUS):
+        from .sweep_task import _BACKENDS, close_backends
+
+        before = set(_BACKENDS)
+        try:
+            for g, redo in todo:
+                yield g, redo, run_task(*args(g, redo))
+        finally:
+            # placed here by default, the backends this sweep started go with it, as a cluster's
+            # workers do; asked for (synchronous), they stay for the next sweep in this process
+            if place.where == "here":
+                close_backends(before)
         return
     with _quiet_dask():
         from dask.distributed import as_completed

@@ -11,6 +11,7 @@ grid s_k = k·Δs_max are its steps 0, r, 2r, ... (exact values, no interpolatio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -36,6 +37,14 @@ def worker_backend(name: str, threads: int | None, device: str, memory: str) -> 
     if key not in _BACKENDS:
         _BACKENDS[key] = select(name, threads, device, memory)
     return _BACKENDS[key]
+
+
+def close_backends(keep: set[tuple[Any, ...]]) -> None:
+    """Close and forget this process's backends but those of ``keep`` (their keys)."""
+    for key in [k for k in _BACKENDS if k not in keep]:
+        backend = _BACKENDS.pop(key)
+        with contextlib.suppress(Exception):
+            backend.close()
 
 
 def startup_total() -> float:
@@ -148,16 +157,22 @@ def _batched(cfg: RunConfig, seeds: Sequence[int]) -> tuple[np.ndarray, Any]:
 
 
 def _one_run_file(cfg: RunConfig, path: str) -> tuple[np.ndarray, str, str, Any]:
+    """One kept run. A run that Ctrl-C (or SIGTERM) stopped, when the task runs in the sweep's
+    own main thread, stops the sweep (``KeyboardInterrupt``) instead of failing one run."""
     from .errors import RunStopped
     from .store import open_run
-    from .train import run
+    from .train import run, stop_on_signals
 
     backend = worker_backend(cfg.backend, cfg.threads, cfg.device, cfg.memory)
     status, msg = "ok", ""
-    try:
-        run(cfg, path, backend=backend, overwrite=True, command="mfres sweep --keep-runs", warn=False)
-    except RunStopped as e:
-        status, msg = ("diverged" if "diverged" in str(e) else "failed"), str(e)
+    with stop_on_signals() as flag:  # (in a Dask worker's thread a flag that no signal sets)
+        try:
+            run(cfg, path, backend=backend, overwrite=True, command="mfres sweep --keep-runs", warn=False,
+                stop=flag)
+        except RunStopped as e:
+            if flag.signal is not None:
+                raise KeyboardInterrupt from None
+            status, msg = ("diverged" if "diverged" in str(e) else "failed"), str(e)
     with open_run(path, load=True) as ds:
         loss = np.asarray(ds["loss"].values, dtype=np.float64)
         done = int(ds.attrs.get("steps_done", len(loss) - 1))
