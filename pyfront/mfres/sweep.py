@@ -311,7 +311,8 @@ def _check_workers(workers: Any, scheduler: str | None) -> int | None:
 
 
 def _check_memory(spec: SweepSpec, workers: int, keep_runs: bool) -> None:
-    """Refuse up front, with the figures, a sweep whose tasks would not fit in memory together."""
+    """Refuse up front, with the figures, a sweep whose tasks would not fit in memory together
+    (``workers``: how many run at once, as ``placement`` gives them)."""
     from . import data as data_mod
     from .sweep_task import batch_bytes
     from .train import available_memory
@@ -332,7 +333,7 @@ def _check_memory(spec: SweepSpec, workers: int, keep_runs: bool) -> None:
         need = batch_bytes(cfg, data.N, data.d, B)
         if need > worst:
             worst, where = need, cfg
-    at_once = max(1, min(workers, len(spec.groups())))
+    at_once = workers
     if where is not None and worst * at_once > 0.9 * avail:
         raise ConfigError(
             f"a task trains {B} nets at once (L={where.depth}, M={where.width}, N={data.N}, d={data.d}): about "

@@ -85,13 +85,12 @@ def run_task(options: dict[str, Any], seeds: Sequence[int], stride: int, backend
                 cfg = RunConfig(**{**options, "seed": seed, "backend": backend})
                 loss, status, msg, used = _one_run_file(cfg, os.path.join(keep_runs, run_name(seed)))
                 _judge(out, j, loss, stride, status, msg, cfg.ds)
-                out["backend"], out["threads"] = used.name, int(getattr(used, "threads", 0) or 0)
         else:
             cfg = RunConfig(**{**options, "seed": seeds[0], "backend": backend})
             losses, used = _batched(cfg, seeds)
-            out["backend"], out["threads"] = used.name, int(getattr(used, "threads", 0) or 0)
             for j in range(B):
                 _judge(out, j, losses[:, j], stride, "ok", "", cfg.ds)
+        out["backend"], out["threads"] = used.name, int(getattr(used, "threads", 0) or 0)
     except Exception as e:  # a failed task is a result, not a crash of the sweep
         out["status"] = ["failed"] * B
         out["message"] = [f"{type(e).__name__}: {e}"] * B
