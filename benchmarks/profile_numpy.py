@@ -58,6 +58,7 @@ def main() -> None:
     q, pn = ts.Q[:, :nb], ts.Pn[:, :nb]
     S, D, Z, P = w.S[0, :, blk], w.D[0, :, blk], w.Z[0, :, blk], w.P[1, :, blk]
     gU = np.empty((1, M, d), dtype)
+    z, z1, p, p0 = Z[..., :d], w.Z[1, :, blk, :d], P[..., :d], w.P[0, :, blk, :d]
     c = dtype.type(0.5)
     isz = dtype.itemsize
     big, small = nb * M * isz, nb * (d + 1) * isz
@@ -66,13 +67,12 @@ def main() -> None:
         ("Q = [z 1]·[W b]ᵀ", lambda: np.matmul(Z, w.Wb[:, 0].transpose(0, 2, 1), out=q), big + small),
         (f"σ, σ' ({'mfres ' if own else 'np.'}tanh, 1 − s²)",
          lambda: activations.value_and_derivative(act, q, S, D, ts.act), 3 * big),
-        ("z' = z + c σ·[U 0]", lambda: (np.matmul(S, w.U0[:, 0], out=w.Z[1, :, blk]), np.multiply(w.Z[1, :, blk], c,
-                                        out=w.Z[1, :, blk]), np.add(w.Z[1, :, blk], Z, out=w.Z[1, :, blk])),
-         big + 3 * small),
+        ("z' = z + c σ·U", lambda: (np.matmul(S, w.U0[:, 0, :, :d], out=z1), np.multiply(z1, c, out=z1),
+                                    np.add(z1, z, out=z1)), big + 3 * small),
         ("U·p", lambda: np.matmul(P, w.U0[:, 0].transpose(0, 2, 1), out=q), big + small),
         ("T = σ' (U·p)", lambda: np.multiply(q, D, out=D), 3 * big),
-        ("p' = p + c T·[W b]", lambda: (np.matmul(D, w.Wb[:, 0], out=pn), np.multiply(pn, c, out=pn),
-                                        np.add(P, pn, out=w.P[0, :, blk])), big + 3 * small),
+        ("p' = p + c T·W", lambda: (np.matmul(D, w.Wb[:, 0, :, :d], out=pn), np.multiply(pn, c, out=pn),
+                                    np.add(p, pn, out=p0)), big + 3 * small),
     ]
     whole = [
         ("∂U = σᵀ·P (all N)", lambda: np.matmul(w.S[0].transpose(0, 2, 1), w.P[1, ..., :d], out=gU),

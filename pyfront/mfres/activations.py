@@ -224,7 +224,7 @@ def _tanh_block(x: np.ndarray, out: np.ndarray, f: list[np.ndarray], ix: np.ndar
     np.subtract(f2, c.magic, out=f2)  # k h
     np.subtract(f1, f2, out=f1)  # u, exactly
     c.table.take(ix, out=f2, mode="clip")  # n_k
-    np.multiply(f1, f1, out=f3)  # z = u²
+    np.square(f1, out=f3)  # z = u²
     np.add(f3, c.c15, out=f4)
     np.multiply(f4, f1, out=f4)  # A = u (15 + z)
     np.multiply(f3, c.c6, out=f3)
@@ -307,14 +307,14 @@ def value_and_derivative(act: Activation, q: np.ndarray, s: np.ndarray, ds: np.n
         eta = act.eta
         np.clip(q, -eta, eta, out=ds)
         np.add(ds, eta, out=ds)  # ds = clip(q) + η ∈ [0, 2η]
-        np.multiply(ds, ds, out=s)
+        np.square(ds, out=s)
         np.multiply(s, 1 / (4 * eta), out=s)
         np.multiply(ds, 1 / (2 * eta), out=ds)
         above = q > eta
         s[above] = q[above]
     elif name == "relu2":
         np.maximum(q, 0, out=ds)
-        np.multiply(ds, ds, out=s)
+        np.square(ds, out=s)
         np.multiply(ds, 2, out=ds)
     else:  # pragma: no cover - parse() admits only NAMES
         raise ValueError(f"unknown activation {name!r}")
@@ -333,7 +333,7 @@ def _tanh_based(name: str, q: np.ndarray, s: np.ndarray, ds: np.ndarray, f: list
     """tanh, sigmoid or gelu and its derivative on one 1-D block (``f``: 6 scratch blocks)."""
     if name == "tanh":
         _tanh_of(q, s, f, ix, bits, consts)
-        np.multiply(s, s, out=ds)
+        np.square(s, out=ds)
         np.subtract(_ONE.get(s.dtype, 1), ds, out=ds)
     elif name == "sigmoid":
         np.multiply(q, 0.5, out=s)
@@ -344,7 +344,7 @@ def _tanh_based(name: str, q: np.ndarray, s: np.ndarray, ds: np.ndarray, f: list
         np.multiply(ds, s, out=ds)
     else:  # gelu: k = c (q + a q³), t = tanh(k)
         q2, k = f[4], f[5]
-        np.multiply(q, q, out=q2)
+        np.square(q, out=q2)
         np.multiply(q2, GELU_A, out=k)
         np.add(k, 1, out=k)
         np.multiply(k, q, out=k)
@@ -354,7 +354,7 @@ def _tanh_based(name: str, q: np.ndarray, s: np.ndarray, ds: np.ndarray, f: list
         np.multiply(q2, 3 * GELU_A, out=q2)
         np.add(q2, 1, out=q2)
         np.multiply(q2, GELU_C, out=q2)
-        np.multiply(s, s, out=ds)
+        np.square(s, out=ds)
         np.subtract(1, ds, out=ds)
         np.multiply(ds, q2, out=ds)
         np.multiply(ds, q, out=ds)

@@ -78,7 +78,7 @@ def workspace_bytes(L: int, M: int, d: int, N: int, dtype: np.dtype, recompute: 
     """Bytes of a ``Workspace`` plus θ, its gradient and a copy of θ (what a run holds)."""
     layers = 1 if recompute else L
     nb = sample_block(N, M)
-    per_process = 2 * nb * M + nb * (d + 1) + M * (d + 1) + 6 * CHUNK + CHUNK // 2
+    per_process = 2 * nb * M + nb * d + M * (d + 1) + 6 * CHUNK + CHUNK // 2
     work = 2 * layers * N * M + 2 * (L + 1) * N * (d + 1) + N + threads * per_process
     particles = 7 * L * M * (2 * d + 1)  # θ, ∇E and G, [W b], [U 0], the chunk-start copy, the snapshot cast
     return int(np.dtype(dtype).itemsize * B * (work + particles))
@@ -137,6 +137,7 @@ class Workspace:
     blocks: list[slice] = field(init=False)
     scratch: _Scratch = field(init=False)
     helpers: Any = field(init=False, default=None)
+    _views: dict[int, _BlockViews] = field(init=False, default_factory=dict, repr=False)
     startup_seconds: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -163,6 +164,7 @@ class Workspace:
         self.G = Particles(arrays["GU"], arrays["GW"], arrays["Gb"])
         if self.attach is None:
             self.Z[..., d] = 1
+            self.P[..., d] = 0  # never written again: a p's last entry only ever meets U0's zero column
             self.U0[...] = 0
         self.r = np.empty((B, N), dt)
         nb = sample_block(N, M)
@@ -181,6 +183,13 @@ class Workspace:
             finally:
                 parallel.release(source)  # every helper has mapped it (or none will)
             self.startup_seconds = time.perf_counter() - t0
+
+    def views(self, blk: slice) -> _BlockViews:
+        """The views of sample block ``blk``, made at its first pass."""
+        v = self._views.get(blk.start)
+        if v is None:
+            v = self._views[blk.start] = _BlockViews(self, blk)
+        return v
 
     def load(self, theta: Particles) -> None:
         """Copy θ (with a batch axis) into [W b] and [U 0]."""
@@ -247,46 +256,71 @@ class _Scratch:
 
     def __init__(self, B: int, nb: int, M: int, d: int, dtype: np.dtype) -> None:
         self.Q = np.empty((B, nb, M), dtype)
-        self.Pn = np.empty((B, nb, d + 1), dtype)
+        self.Pn = np.empty((B, nb, d), dtype)
         self.G = np.empty((B, M, d + 1), dtype)
         self.act = Scratch(dtype)
 
 
+class _BlockViews:
+    """One sample block's views of a workspace's arrays, made once: a step makes thousands of
+    NumPy calls on them, and making a view costs about as much as a call. Per layer l: its rows
+    of Z_l and P_l (``z``, ``p``: without their last entry), of S and D (``S1``, ``D1``: the
+    same, with ``q1``, as 1-D arrays where all three are contiguous, so that the element-wise
+    passes need not reshape them), and the layer's [W b]ᵀ, W, U, [U 0]ᵀ. The products that
+    need not carry the last column skip it: BLAS's kernels take 8 columns faster than 9."""
+
+    def __init__(self, work: Workspace, blk: slice) -> None:
+        ts, nb = work.scratch, blk.stop - blk.start
+        d = work.d
+        self.q, self.pn = ts.Q[:, :nb], ts.Pn[:, :nb]
+        self.Z = [work.Z[l, :, blk] for l in range(work.L + 1)]
+        self.P = [work.P[l, :, blk] for l in range(work.L + 1)]
+        self.z = [a[..., :d] for a in self.Z]
+        self.p = [a[..., :d] for a in self.P]
+        self.S = [work.S[k, :, blk] for k in range(work.S.shape[0])]
+        self.D = [work.D[k, :, blk] for k in range(work.D.shape[0])]
+        flat = self.q.flags.c_contiguous and self.S[0].flags.c_contiguous
+        self.q1 = self.q.reshape(-1) if flat else self.q
+        self.S1 = [a.reshape(-1) for a in self.S] if flat else self.S
+        self.D1 = [a.reshape(-1) for a in self.D] if flat else self.D
+        self.Wbt = [work.Wb[:, l].transpose(0, 2, 1) for l in range(work.L)]
+        self.W = [work.Wb[:, l, :, :d] for l in range(work.L)]
+        self.U = [work.U0[:, l, :, :d] for l in range(work.L)]
+        self.U0t = [work.U0[:, l].transpose(0, 2, 1) for l in range(work.L)]
+
+
 def _forward_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Activation) -> None:
     """z_1..z_L of the samples in ``blocks`` (and their σ, σ' in store mode)."""
-    Z, S, D, c = work.Z, work.S, work.D, work.dtype.type(1.0 / (work.L * work.M))
-    Wbt = work.Wb.transpose(0, 1, 3, 2)
+    c = work.dtype.type(1.0 / (work.L * work.M))
     for blk in blocks:
-        q = ts.Q[:, : blk.stop - blk.start]
+        v = work.views(blk)
         for l in range(work.L):
             k = 0 if work.recompute else l
-            np.matmul(Z[l, :, blk], Wbt[:, l], out=q)
-            value_and_derivative(act, q, S[k, :, blk], D[k, :, blk], ts.act)
-            zn = Z[l + 1, :, blk]
-            np.matmul(S[k, :, blk], work.U0[:, l], out=zn)  # last entry: Σ σ·0 = 0
+            np.matmul(v.Z[l], v.Wbt[l], out=v.q)
+            value_and_derivative(act, v.q1, v.S1[k], v.D1[k], ts.act)
+            zn = v.z[l + 1]  # z_{l+1} without its constant last entry 1
+            np.matmul(v.S[k], v.U[l], out=zn)
             zn *= c
-            zn += Z[l, :, blk]  # ... + 1
+            zn += v.z[l]
 
 
 def _adjoint_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Activation, layers: range) -> None:
     """p_l for l in ``layers`` (descending) of the samples in ``blocks``; D becomes T."""
-    Z, P, S, D, c = work.Z, work.P, work.S, work.D, work.dtype.type(1.0 / (work.L * work.M))
-    U0t = work.U0.transpose(0, 1, 3, 2)
-    Wbt = work.Wb.transpose(0, 1, 3, 2)
+    c = work.dtype.type(1.0 / (work.L * work.M))
     for blk in blocks:
-        nb = blk.stop - blk.start
-        q, pn = ts.Q[:, :nb], ts.Pn[:, :nb]
+        v = work.views(blk)
+        q, pn = v.q, v.pn
         for l in layers:
             k = 0 if work.recompute else l
             if work.recompute:
-                np.matmul(Z[l, :, blk], Wbt[:, l], out=q)
-                value_and_derivative(act, q, S[0, :, blk], D[0, :, blk], ts.act)
-            T = D[k, :, blk]
-            np.matmul(P[l + 1, :, blk], U0t[:, l], out=q)  # U·p_{l+1}
+                np.matmul(v.Z[l], v.Wbt[l], out=q)
+                value_and_derivative(act, v.q1, v.S1[0], v.D1[0], ts.act)
+            T = v.D[k]
+            np.matmul(v.P[l + 1], v.U0t[l], out=q)  # U·p_{l+1}
             np.multiply(q, T, out=T)  # T = σ'(q) (U·p_{l+1})
-            np.matmul(T, work.Wb[:, l], out=pn)
+            np.matmul(T, v.W[l], out=pn)  # p's last entry stays 0 (it meets [U 0]'s zero column)
             pn *= c
-            np.add(P[l + 1, :, blk], pn, out=P[l, :, blk])
+            np.add(v.p[l + 1], pn, out=v.p[l])
 
 
 def _gradient_layers(work: Workspace, part: list[int], ts: _Scratch, layers: range) -> None:
@@ -373,7 +407,6 @@ def loss_and_grad(theta: Particles, x: np.ndarray, y: np.ndarray, a: np.ndarray,
     cg = dt.type(c / N)
     P = work.P
     np.multiply(r[..., None], a, out=P[L, ..., :_d])  # p_L
-    P[L, ..., _d] = 0  # P's last entry only ever meets U0's zero column; keep it finite
     # store mode: the adjoint of every layer, then every layer's gradient; recompute mode:
     # layer by layer, since only one layer's σ and T exist at a time
     groups = [range(L - 1, -1, -1)] if not work.recompute else [range(l, l - 1, -1) for l in range(L - 1, -1, -1)]
