@@ -95,7 +95,13 @@ def measure(advance, steps: int, repeats: int, evaluations=lambda n: n + 1,
     evaluates ``evaluations(steps)`` times: n + 1 (E after the last step too), or n for a
     backend that carries the last ∇E over from the previous call. CPU time: this process's
     and ``helpers()``, the CPU seconds of its helper processes so far."""
-    advance(1)  # warm-up: buffers, caches, first-call costs
+    # warm-up: buffers, caches, first-call costs, and the NumPy helper processes' first passes (about
+    # twice as slow for the first 3-4 evaluations, seen at medium); at most about a second
+    t0 = time.perf_counter()
+    for _ in range(3):
+        advance(1)
+        if time.perf_counter() - t0 > 1.0:
+            break
     times, cpu = [], []
     losses: list[float] = []
     for _ in range(repeats):

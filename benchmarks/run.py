@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -181,20 +182,43 @@ def _simulate_seconds(backend: str, size: tuple[int, int, int, int], steps: int,
 
 
 def simulate_per_step(backend: str, size: tuple[int, int, int, int], key: str, env: dict, repeats: int,
-                      schedule: tuple[int, int, int | None] | None = None, check: bool = True) -> dict:
+                      schedule: tuple[int, int, int | None] | None = None, check: bool = True,
+                      beside: Callable[[], float | None] | None = None) -> dict:
     """Seconds per step of ``mfres simulate`` by step-count differencing, (t(n2) − t(n1)) / (n2 − n1);
     ``schedule`` = (n1, n2, snapshot interval or None for the default), else ``PRODUCT_STEPS[key]``;
-    ``check``: a one-step run first, which fails fast, with the reason, if the backend is unusable."""
+    ``check``: a one-step run first, which fails fast, with the reason, if the backend is unusable;
+    ``beside``: a peer's seconds per step, measured once in each repeat, right after it (``beside``
+    in the result, one figure per repeat, None where the peer failed)."""
     n1, n2, every = schedule or PRODUCT_STEPS[key]
     with tempfile.TemporaryDirectory() as folder:
         if check:
             _simulate_seconds(backend, size, 1, 1, env, folder)
-        per = []
+        per, peer = [], []
         for _ in range(repeats):
             t1 = _simulate_seconds(backend, size, n1, every, env, folder)
             t2 = _simulate_seconds(backend, size, n2, every, env, folder)
             per.append((t2 - t1) / (n2 - n1))
-    return {"sec_per_step": float(np.median(per)), "all": per, "steps": (n1, n2), "every": every}
+            if beside is not None:
+                peer.append(beside())
+    out = {"sec_per_step": float(np.median(per)), "all": per, "steps": (n1, n2), "every": every}
+    return {**out, "beside": peer} if beside is not None else out
+
+
+def paired_ratio(peer: list[float | None], ours: list[float | None]) -> tuple[float | None, list[float]]:
+    """The median over repeats of peer / ours, each pair measured back to back (the machine's drift
+    over the minutes between repeats, up to 2x here, then reaches both alike), and the ratios."""
+    ratios = [p / o for p, o in zip(peer, ours, strict=True) if p and o]
+    return (float(np.median(ratios)) if ratios else None), ratios
+
+
+def peer_pairs(size: str, repeats: int) -> dict:
+    """The NumPy backend alone and JAX jit at ``size``, ``repeats`` times in turn (fresh processes)."""
+    out: dict[str, list[float | None]] = {"numpy": [], "jax": []}
+    for _ in range(repeats):
+        for name, args in (("numpy", ("--memory", "store", "--threads", str(THREADS))), ("jax", ())):
+            r = contender(name, size, "float64", *args)
+            out[name].append(r and r["sec_per_step"])
+    return out
 
 
 def simulate_split(backend: str, size: tuple[int, int, int, int], key: str, env: dict, repeats: int) -> dict:
@@ -408,14 +432,22 @@ def main() -> None:
                 if "jax" in peers:
                     r["jax"] = contender("jax", size, dtype)
             res["rows"].append(r)
+    # goal 3, the backend alone: NumPy and JAX in turn, paired by repeat
+    res["pairs"] = {size: peer_pairs(size, repeats) for size in sizes if size != "small" and "jax" in peers}
     # through the product
     env = product_env(julia)
     product_sizes = [("default", DEFAULT)] + [(s, SIZES[s]) for s in sizes]
     for backend in ("numpy", "julia"):
         for key, size in product_sizes:
             print(f"mfres simulate --backend {backend}, {key} ...", file=sys.stderr, flush=True)
+            jax_beside = None
+            if "jax" in peers and key in SIZES:
+                def jax_beside(size_key: str = key) -> float | None:
+                    r = contender("jax", size_key, "float64")
+                    return r and r["sec_per_step"]
             try:
-                res["product"][(backend, key)] = simulate_per_step(backend, size, key, env, repeats)
+                res["product"][(backend, key)] = simulate_per_step(backend, size, key, env, repeats,
+                                                                   beside=jax_beside)
                 res["split"][(backend, key)] = simulate_split(backend, size, key, env, repeats)
             except (Skipped, subprocess.TimeoutExpired) as e:
                 res["skipped"][f"mfres simulate --backend {backend}"] = str(e)
@@ -547,10 +579,13 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
               "reports at the end of a run with its default snapshots (`time: … s stepping in the backend, "
               "… s in the loop, snapshots and file`, steps in the column's header), as a fraction of the "
               "stepping, median over repeats: both times come from one process, so the machine's drift "
-              "between processes (±10 % here) does not enter it.", "",
+              "between processes (±10 % here) does not enter it. JAX jit ran once in each repeat of each "
+              "backend, right after it (a fresh process): its column is the median of those runs, and the "
+              "ratios are medians of the per-repeat ratios, each from a pair measured back to back.", "",
               "| size | steps n1, n2 (snapshot every) | `--backend numpy` | NumPy backend alone | "
-              "`--backend julia` | JAX jit | JAX / `--backend julia` | overhead numpy, julia (steps) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "`--backend julia` | JAX jit | JAX / `--backend numpy` | JAX / `--backend julia` | "
+              "overhead numpy, julia (steps) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     alone = {"default": get(res, "numpy_default")} | {r["size"]: get(r, "numpy") for r in rows
                                                       if r["dtype"] == "float64"}
     jax_ms = {r["size"]: get(r, "jax") for r in rows if r["dtype"] == "float64"}
@@ -563,9 +598,11 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
                      f"| {key} | – | ")
         ov = [overheads.get((b, key)) for b in ("numpy", "julia")]
         sp = split.get(("numpy", key)) or split.get(("julia", key))
+        peer = [x for e in (pn, pj) if e for x in e.get("beside", []) if x]
+        jx = float(np.median(peer)) if peer else jax_ms.get(key)
         lines[-1] += (f"{fmt_ms(pn and pn['sec_per_step'])} | {fmt_ms(base)} | "
-                      f"{fmt_ms(pj and pj['sec_per_step'])} | {fmt_ms(jax_ms.get(key))} | "
-                      f"{ratio(jax_ms.get(key), pj and pj['sec_per_step'])} | "
+                      f"{fmt_ms(pj and pj['sec_per_step'])} | {fmt_ms(jx)} | "
+                      f"{product_ratio(pn, jax_ms.get(key))[1]} | {product_ratio(pj, jax_ms.get(key))[1]} | "
                       + ", ".join("–" if v is None else f"{100 * v:.1f} %" for v in ov)
                       + (f" ({sp['steps']})" if sp else "") + " |")
     for what, why in res["skipped"].items():
@@ -641,7 +678,7 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
             f"{fmt_mb(get(r, 'jax', 'peak_bytes'))} | {fmt_mb(get(r, 'torch', 'peak_bytes'))} |")
 
     lines += ["", "## Targets (issue 13), from this run", ""]
-    lines += targets(by, prod, overheads, jl2, limit, res["sweeps"], best_batch, sizes)
+    lines += targets(by, prod, overheads, jl2, limit, res["sweeps"], best_batch, sizes, res.get("pairs"))
     lines += ["", "## Where the NumPy step's time goes", "", PROFILE_TEXT, ""]
     for size in [s for s in sizes if s != "small"]:
         prof = subprocess.run([sys.executable, str(HERE / "profile_numpy.py"), size, "float64"], capture_output=True,
@@ -671,9 +708,24 @@ def busy(res: dict) -> bool:
     return max(first(res.get("load_start")), first(res.get("load_end"))) > 1.5
 
 
+def product_ratio(entry: dict | None, jax_row: float | None) -> tuple[float | None, str]:
+    """JAX / `mfres simulate` for one product entry: the median of the per-repeat ratios where JAX ran
+    beside each repeat, else the JAX row's figure over the product's median; and how to print it."""
+    if not entry:
+        return None, "–"
+    if entry.get("beside"):
+        med, ratios = paired_ratio(entry["beside"], entry["all"])
+        if med is None:
+            return None, "–"
+        return med, f"{med:.2f}× (repeats {', '.join(f'{x:.2f}' for x in ratios)})"
+    ours = entry["sec_per_step"]
+    return (jax_row / ours if jax_row and ours else None), ratio(jax_row, ours)
+
+
 def targets(by: dict, prod: dict, overheads: dict, jl2: float | None, limit: float | None, sweeps: dict,
-            best_batch: float | None, sizes: list[str]) -> list[str]:
+            best_batch: float | None, sizes: list[str], pairs: dict | None = None) -> list[str]:
     out = []
+    pairs = pairs or {}
 
     def check(ok: bool | None, text: str) -> None:
         mark = "not measured" if ok is None else ("met" if ok else "NOT met")
@@ -682,25 +734,27 @@ def targets(by: dict, prod: dict, overheads: dict, jl2: float | None, limit: flo
     for size, need in (("small", 3.0), ("medium", 2.0), ("large", 2.0)):
         if size not in sizes:
             continue
-        jx = get(by.get((size, "float64"), {}), "jax")
-        pj = prod.get(("julia", size))
-        pj = pj and pj["sec_per_step"]
-        check(None if jx is None or pj is None else jx / pj >= need,
-              f"1. `mfres simulate --backend julia` ≥ {need:g}× JAX jit at {size} ({ratio(jx, pj)})")
+        r, text = product_ratio(prod.get(("julia", size)), get(by.get((size, "float64"), {}), "jax"))
+        check(None if r is None else r >= need,
+              f"1. `mfres simulate --backend julia` ≥ {need:g}× JAX jit at {size} ({text})")
     check(None if limit is None or jl2 is None else jl2 / limit <= 2,
           "2. Julia step within 2× of the machine limit at large"
           + (f" ({jl2 / limit:.2f}× the limit)" if limit and jl2 else ""))
     for size in ("medium", "large"):
         if size not in sizes:
             continue
-        r = by.get((size, "float64"), {})
-        jx, n = get(r, "jax"), get(r, "numpy")
-        check(None if jx is None or n is None else jx / n >= 1,
-              f"3. NumPy backend at least as fast as JAX jit at {size} (JAX / NumPy {ratio(jx, n)})")
-        pn = prod.get(("numpy", size))
-        pn = pn and pn["sec_per_step"]
-        check(None if jx is None or pn is None else jx / pn >= 1,
-              f"3. `mfres simulate --backend numpy` at least as fast as JAX jit at {size} ({ratio(jx, pn)})")
+        row = by.get((size, "float64"), {})
+        jx, n = get(row, "jax"), get(row, "numpy")
+        if size in pairs:  # NumPy and JAX in turn, paired by repeat
+            med, ratios = paired_ratio(pairs[size]["jax"], pairs[size]["numpy"])
+            text = "–" if med is None else (f"JAX / NumPy {med:.2f}×, median of {len(ratios)} pairs run in "
+                                            f"turn: {', '.join(f'{x:.2f}' for x in ratios)}")
+        else:
+            med, text = (jx / n if jx and n else None), f"JAX / NumPy {ratio(jx, n)}"
+        check(None if med is None else med >= 1, f"3. NumPy backend at least as fast as JAX jit at {size} ({text})")
+        r, text = product_ratio(prod.get(("numpy", size)), jx)
+        check(None if r is None else r >= 1,
+              f"3. `mfres simulate --backend numpy` at least as fast as JAX jit at {size} ({text})")
     known = {k: v for k, v in overheads.items() if v is not None and k[1] != "small"}
     worst = max(known.values()) if known else None
     check(None if worst is None else worst < 0.05,
