@@ -454,9 +454,9 @@ def _results(spec: SweepSpec, todo: list[tuple[dict[str, Any], list[int]]], plac
         return options, [seeds[j] for j in redo], g["stride"], backend, keep_runs, name
 
     if place.where in ("here", SYNCHRONOUS):
-        from .sweep_task import _BACKENDS, close_backends
+        from .sweep_task import close_backends, open_backends
 
-        before = set(_BACKENDS)
+        before = open_backends()
         try:
             for g, redo in todo:
                 yield g, redo, run_task(*args(g, redo))

@@ -39,6 +39,11 @@ def worker_backend(name: str, threads: int | None, device: str, memory: str) -> 
     return _BACKENDS[key]
 
 
+def open_backends() -> set[tuple[Any, ...]]:
+    """The keys of the backends this process holds now (to ``close_backends`` all others later)."""
+    return set(_BACKENDS)
+
+
 def close_backends(keep: set[tuple[Any, ...]]) -> None:
     """Close and forget this process's backends but those of ``keep`` (their keys)."""
     for key in [k for k in _BACKENDS if k not in keep]:
