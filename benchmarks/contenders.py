@@ -86,6 +86,7 @@ def problem(size: str, dtype: str, batch: int = 0):
     return theta, Problem.from_data(data, activations.parse("tanh"), 0.0, dt)
 
 
+WARM_CALLS = 3
 CPU: list[float] = []  # CPU seconds per step of the last measure(), all threads of the process
 
 
@@ -96,12 +97,10 @@ def measure(advance, steps: int, repeats: int, evaluations=lambda n: n + 1,
     backend that carries the last ∇E over from the previous call. CPU time: this process's
     and ``helpers()``, the CPU seconds of its helper processes so far."""
     # warm-up: buffers, caches, first-call costs, and the NumPy helper processes' first passes (about
-    # twice as slow for the first 3-4 evaluations, seen at medium); at most about a second
-    t0 = time.perf_counter()
-    for _ in range(3):
+    # twice as slow for the first 3-4 evaluations, seen at medium); a fixed count, so that every
+    # contender's E after the timed steps is at the same iterate (the peers' correctness check)
+    for _ in range(WARM_CALLS):
         advance(1)
-        if time.perf_counter() - t0 > 1.0:
-            break
     times, cpu = [], []
     losses: list[float] = []
     for _ in range(repeats):

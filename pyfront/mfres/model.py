@@ -138,6 +138,7 @@ class Workspace:
     scratch: _Scratch = field(init=False)
     helpers: Any = field(init=False, default=None)
     _views: dict[int, _BlockViews] = field(init=False, default_factory=dict, repr=False)
+    _layers: tuple[list[np.ndarray], ...] | None = field(init=False, default=None, repr=False)
     startup_seconds: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -185,11 +186,25 @@ class Workspace:
             self.startup_seconds = time.perf_counter() - t0
 
     def views(self, blk: slice) -> _BlockViews:
-        """The views of sample block ``blk``, made at its first pass."""
+        """The views of sample block ``blk``, made at its first pass and kept where the workspace
+        has at most ``VIEW_CACHE`` block-layers (a few MiB of view objects at most); made at each
+        pass otherwise, where blocks are tiny and many (M ≥ ``CHUNK``)."""
         v = self._views.get(blk.start)
         if v is None:
-            v = self._views[blk.start] = _BlockViews(self, blk)
+            v = _BlockViews(self, blk)
+            if len(self.blocks) * self.L <= VIEW_CACHE:
+                self._views[blk.start] = v
         return v
+
+    def layer_views(self) -> tuple[list[np.ndarray], ...]:
+        """Per layer, views of [W b]ᵀ, W, U and [U 0]ᵀ (made once; every sample block shares them)."""
+        if self._layers is None:
+            L, d = self.L, self.d
+            self._layers = ([self.Wb[:, l].transpose(0, 2, 1) for l in range(L)],
+                            [self.Wb[:, l, :, :d] for l in range(L)],
+                            [self.U0[:, l, :, :d] for l in range(L)],
+                            [self.U0[:, l].transpose(0, 2, 1) for l in range(L)])
+        return self._layers
 
     def load(self, theta: Particles) -> None:
         """Copy θ (with a batch axis) into [W b] and [U 0]."""
@@ -246,6 +261,9 @@ class Workspace:
             self.helpers = None
 
 
+VIEW_CACHE = 1 << 12
+"""At most this many block-layers (sample blocks × L) have their views kept (``Workspace.views``)."""
+
 PARALLEL_MIN = 1 << 18
 """Fewer activations per step than this (L·B·N·M) run in the calling process: a hand-over costs tens of µs,
 more on a busy machine (measured with threads: at the default size, 65536, two were slower than one)."""
@@ -266,7 +284,8 @@ class _BlockViews:
     NumPy calls on them, and making a view costs about as much as a call. Per layer l: its rows
     of Z_l and P_l (``z``, ``p``: without their last entry), of S and D (``S1``, ``D1``: the
     same, with ``q1``, as 1-D arrays where all three are contiguous, so that the element-wise
-    passes need not reshape them), and the layer's [W b]ᵀ, W, U, [U 0]ᵀ. The products that
+    passes need not reshape them), and the layer's [W b]ᵀ, W, U, [U 0]ᵀ (shared by every block:
+    ``Workspace.layer_views``). The products that
     need not carry the last column skip it: BLAS's kernels take 8 columns faster than 9."""
 
     def __init__(self, work: Workspace, blk: slice) -> None:
@@ -283,10 +302,7 @@ class _BlockViews:
         self.q1 = self.q.reshape(-1) if flat else self.q
         self.S1 = [a.reshape(-1) for a in self.S] if flat else self.S
         self.D1 = [a.reshape(-1) for a in self.D] if flat else self.D
-        self.Wbt = [work.Wb[:, l].transpose(0, 2, 1) for l in range(work.L)]
-        self.W = [work.Wb[:, l, :, :d] for l in range(work.L)]
-        self.U = [work.U0[:, l, :, :d] for l in range(work.L)]
-        self.U0t = [work.U0[:, l].transpose(0, 2, 1) for l in range(work.L)]
+        self.Wbt, self.W, self.U, self.U0t = work.layer_views()
 
 
 def _forward_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Activation) -> None:
