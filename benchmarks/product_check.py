@@ -23,7 +23,7 @@ from run import (
     DEFAULT,
     SIZES,
     Skipped,
-    contender,
+    contender_seconds,
     find_julia,
     julia_run,
     load,
@@ -77,12 +77,10 @@ def measure_size(key: str, julia: str | None, env: dict, repeats: int) -> None:
                 notes.setdefault(backend, f"skipped ({e})")
                 if r == 0:
                     skipped.add(backend)
-        alone = contender("numpy", key, "float64", "--threads", "2")
-        per["numpy_alone"].append(alone["sec_per_step"] if alone else None)
+        per["numpy_alone"].append(contender_seconds("numpy", key, "float64", "--threads", "2"))
         jk = julia_run(julia, 2, key, "float64", *KERNEL[key]) if julia and key in SIZES else None
         per["julia_alone"].append(jk["sec_per_step"] if jk else None)
-        jx = contender("jax", key, "float64") if key in SIZES else None
-        per["jax"].append(jx["sec_per_step"] if jx else None)
+        per["jax"].append(contender_seconds("jax", key, "float64") if key in SIZES else None)
     line = [f"{key} {size}, {repeats} repeat(s), ms per step"]
     for backend in backends:
         line.append(f"simulate --backend {backend} {_figures(per[backend])} (steps {n1}, {n2}); "

@@ -95,10 +95,19 @@ def product_env(julia: str | None) -> dict[str, str]:
 def contender(*args: str) -> dict | None:
     res = subprocess.run([sys.executable, str(HERE / "contenders.py"), *args], capture_output=True, text=True,
                          env=product_env(None))
-    if res.returncode != 0:
-        print(f"contenders.py {' '.join(args)} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    try:
+        if res.returncode == 0:
+            return json.loads(res.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):  # no JSON line: reported as a failure below
+        pass
+    print(f"contenders.py {' '.join(args)} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def contender_seconds(*args: str) -> float | None:
+    """``contender``'s seconds per step, or None where it failed."""
+    r = contender(*args)
+    return r and r["sec_per_step"]
 
 
 def julia_run(julia: str, threads: int, size: str, dtype: str, steps: int, repeats: int) -> dict | None:
@@ -207,7 +216,7 @@ def simulate_per_step(backend: str, size: tuple[int, int, int, int], key: str, e
 def paired_ratio(peer: list[float | None], ours: list[float | None]) -> tuple[float | None, list[float]]:
     """The median over repeats of peer / ours, each pair measured back to back (the machine's drift
     over the minutes between repeats, up to 2x here, then reaches both alike), and the ratios."""
-    ratios = [p / o for p, o in zip(peer, ours, strict=True) if p and o and p > 0 and o > 0]
+    ratios = [p / o for p, o in zip(peer, ours, strict=True) if (p or 0) > 0 and (o or 0) > 0]
     return (float(np.median(ratios)) if ratios else None), ratios
 
 
@@ -216,8 +225,7 @@ def peer_pairs(size: str, repeats: int) -> dict:
     out: dict[str, list[float | None]] = {"numpy": [], "jax": []}
     for _ in range(repeats):
         for name, args in (("numpy", ("--memory", "store", "--threads", str(THREADS))), ("jax", ())):
-            r = contender(name, size, "float64", *args)
-            out[name].append(r and r["sec_per_step"])
+            out[name].append(contender_seconds(name, size, "float64", *args))
     return out
 
 
@@ -443,12 +451,7 @@ def main() -> None:
             jax_beside = None
             if "jax" in peers and key in SIZES:
                 def jax_beside(size_key: str = key) -> float | None:
-                    try:
-                        r = contender("jax", size_key, "float64")
-                    except Exception as e:  # a peer that fails leaves its repeat out, not the benchmark
-                        print(f"JAX beside {size_key} failed: {e}", file=sys.stderr)
-                        return None
-                    return r and r["sec_per_step"]
+                    return contender_seconds("jax", size_key, "float64")
             try:
                 res["product"][(backend, key)] = simulate_per_step(backend, size, key, env, repeats,
                                                                    beside=jax_beside)

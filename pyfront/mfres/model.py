@@ -237,7 +237,7 @@ class Workspace:
         items = self.items(task, args)
         n = min(self.threads, len(items))
         if n <= 1 or self.helpers is None:
-            TASKS[task](self, items, self.scratch, **args)
+            TASKS[task](self, items, **args)
             return
         self.helpers.run(task, n, args, lambda i: self.run_part(task, i, n, args),
                          lambda i: self.redo_part(task, i, n, args))
@@ -252,7 +252,7 @@ class Workspace:
     def run_part(self, task: str, i: int, n: int, args: dict[str, Any]) -> None:
         """Part i of n of ``task``'s items, here: the i-th of n contiguous runs of them."""
         items = self.items(task, args)
-        TASKS[task](self, items[len(items) * i // n: len(items) * (i + 1) // n], self.scratch, **args)
+        TASKS[task](self, items[len(items) * i // n: len(items) * (i + 1) // n], **args)
 
     def close(self) -> None:
         """Stop the helper processes (also done when the workspace is collected)."""
@@ -284,14 +284,14 @@ class _BlockViews:
     NumPy calls on them, and making a view costs about as much as a call. Per layer l: its rows
     of Z_l and P_l (``z``, ``p``: without their last entry), of S and D (``S1``, ``D1``: the
     same, with ``q1``, as 1-D arrays where all three are contiguous, so that the element-wise
-    passes need not reshape them), and the layer's [W b]ᵀ, W, U, [U 0]ᵀ (shared by every block:
-    ``Workspace.layer_views``). The products that
-    need not carry the last column skip it: BLAS's kernels take 8 columns faster than 9."""
+    passes need not reshape them), the layer's [W b]ᵀ, W, U, [U 0]ᵀ (shared by every block:
+    ``Workspace.layer_views``), and the workspace's scratch (``q``, ``pn``, ``act``). The
+    products that need not carry the last column skip it: BLAS takes 8 columns faster than 9."""
 
     def __init__(self, work: Workspace, blk: slice) -> None:
         ts, nb = work.scratch, blk.stop - blk.start
         d = work.d
-        self.q, self.pn = ts.Q[:, :nb], ts.Pn[:, :nb]
+        self.q, self.pn, self.act = ts.Q[:, :nb], ts.Pn[:, :nb], ts.act
         self.Z = [work.Z[l, :, blk] for l in range(work.L + 1)]
         self.P = [work.P[l, :, blk] for l in range(work.L + 1)]
         self.z = [a[..., :d] for a in self.Z]
@@ -305,7 +305,7 @@ class _BlockViews:
         self.Wbt, self.W, self.U, self.U0t = work.layer_views()
 
 
-def _forward_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Activation) -> None:
+def _forward_blocks(work: Workspace, blocks: list[slice], act: Activation) -> None:
     """z_1..z_L of the samples in ``blocks`` (and their σ, σ' in store mode)."""
     c = work.dtype.type(1.0 / (work.L * work.M))
     for blk in blocks:
@@ -313,14 +313,14 @@ def _forward_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Act
         for l in range(work.L):
             k = 0 if work.recompute else l
             np.matmul(v.Z[l], v.Wbt[l], out=v.q)
-            value_and_derivative(act, v.q1, v.S1[k], v.D1[k], ts.act)
+            value_and_derivative(act, v.q1, v.S1[k], v.D1[k], v.act)
             zn = v.z[l + 1]  # z_{l+1} without its constant last entry 1
             np.matmul(v.S[k], v.U[l], out=zn)
             zn *= c
             zn += v.z[l]
 
 
-def _adjoint_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Activation, layers: range) -> None:
+def _adjoint_blocks(work: Workspace, blocks: list[slice], act: Activation, layers: range) -> None:
     """p_l for l in ``layers`` (descending) of the samples in ``blocks``; D becomes T."""
     c = work.dtype.type(1.0 / (work.L * work.M))
     for blk in blocks:
@@ -330,7 +330,7 @@ def _adjoint_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Act
             k = 0 if work.recompute else l
             if work.recompute:
                 np.matmul(v.Z[l], v.Wbt[l], out=q)
-                value_and_derivative(act, v.q1, v.S1[0], v.D1[0], ts.act)
+                value_and_derivative(act, v.q1, v.S1[0], v.D1[0], v.act)
             T = v.D[k]
             np.matmul(v.P[l + 1], v.U0t[l], out=q)  # U·p_{l+1}
             np.multiply(q, T, out=T)  # T = σ'(q) (U·p_{l+1})
@@ -339,10 +339,10 @@ def _adjoint_blocks(work: Workspace, blocks: list[slice], ts: _Scratch, act: Act
             np.add(v.p[l + 1], pn, out=v.p[l])
 
 
-def _gradient_layers(work: Workspace, part: list[int], ts: _Scratch, layers: range) -> None:
+def _gradient_layers(work: Workspace, part: list[int], layers: range) -> None:
     """∂E/∂U, ∂E/∂[W b] of the layers ``part`` (of ``layers``) into ``work.G``, up to the factor h/(M N):
     one product over all samples each."""
-    d, gb = work.d, work.G
+    d, gb, ts = work.d, work.G, work.scratch
     for l in part:
         k = 0 if work.recompute else l
         np.matmul(work.S[k].transpose(0, 2, 1), work.P[l + 1, ..., :d], out=gb.U[:, l])
