@@ -48,8 +48,9 @@ function in_parallel(f, ws::Workspace, nitems::Integer, work::Integer)
 end
 
 # S[:, i, ls] = σ(S[:, i, ls] + b[:, l]) (S holds W_lᵀ z on entry) and D = σ′ likewise,
-# for the samples `cols`; D === nothing: the value only. The bias is added in a pass of
-# its own, so that σ runs as one flat loop over the chunk's contiguous block of S: LLVM
+# for the samples `cols` (the kernels call it on each group of samples as `mul_tall!`
+# completes it, see `DONE_ELEMENTS`); D === nothing: the value only. The bias is added in a pass of its own,
+# so that σ runs as one flat loop over the samples' contiguous block of S: LLVM
 # interleaves a flat loop's iterations and hides the latency of σ's long dependency
 # chain, which it does not do for a loop nested in the sample loop (measured 1.3-1.6x).
 # (`ivdep`: S, D and b are distinct arrays, which lets the loops vectorise.)
@@ -119,16 +120,19 @@ function forward!(ws::Workspace{T}, U, W, b, X, σ::Activation) where {T}
 end
 
 # One chunk of samples through all layers.
-function forward_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, cols) where {T}
+forward_chunk!(ws::Workspace, U, W, b, σ::Activation, cols) =
+    forward_chunk!(ws, U, W, b, σ, cols, keeps_derivative(ws, σ) ? ws.D : nothing)
+
+# (D: where σ′ goes, or nothing; a type of its own, so that the closure below is concrete.)
+function forward_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, cols, D) where {T}
     M, L = size(U, 2), size(U, 3)
     c = T(1 / (L * M))  # h/M
-    D = keeps_derivative(ws, σ) ? ws.D : nothing
     for l in 1:L
         ls = slot(ws, l)
         Zl = view(ws.Z, :, cols, l)
         Sl = view(ws.S, :, cols, ls)
-        mul_tall!(Sl, view(ws.Wt, :, :, l), Zl)
-        activate!(ws.S, D, ls, b, l, σ, cols)
+        i0 = first(cols) - 1
+        mul_tall!(Sl, view(ws.Wt, :, :, l), Zl, (i1, i2) -> activate!(ws.S, D, ls, b, l, σ, (i0 + i1):(i0 + i2)))
         Zn = view(ws.Z, :, cols, l + 1)
         copyto!(Zn, Zl)
         mul_short!(Zn, view(ws.Ut, :, :, l), Sl, c, one(T))
@@ -220,7 +224,7 @@ function adjoint_chunked!(ws::Workspace{T}, U, W, b, σ::Activation) where {T}
         in_parallel(ws, nch, work) do j, np
             l < L && reduce_chunks!(ws, l + 1, cg, part(M, j, np))
             for k in part(nch, j, np)
-                adjoint_chunk!(ws, U, W, b, σ, l, k, l == L ? zero(T) : c)
+                adjoint_chunk!(ws, U, W, b, σ, l, k, j, l == L ? zero(T) : c)
             end
         end
     end
@@ -236,9 +240,13 @@ end
 
 @inline buffer_of(l) = (l & 1) + 1
 
-# Layer l on chunk k: P = p_{l+1} (from the previous layer's Pn), T = σ′(q) (U·p_{l+1}),
-# Pn = W T, and the chunk's sums Σ_i p sᵀ, Σ_i z Tᵀ, Σ_i T.
-function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, cprev) where {T}
+# Layer l on chunk k, in task j: P = p_{l+1} (from the previous layer's Pn), T = σ′(q)
+# (U·p_{l+1}), Pn = W T, and the chunk's sums Σ_i p sᵀ, Σ_i z Tᵀ, Σ_i T. T goes to task
+# j's own chunk-sized block of Tm, which stays in cache from one chunk to the next; the
+# sum Σ_i p sᵀ runs first, so that the layer's stored S, which it reads from memory, is
+# still in cache when σ′ is taken from it, as `mul_tall!` completes each group of T's
+# columns.
+function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, j, cprev) where {T}
     cols = ws.chunks[k]
     pb = buffer_of(l)
     P = view(ws.P, :, cols)
@@ -247,34 +255,52 @@ function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, cprev) 
     end
     Zl = view(ws.Z, :, cols, l)
     ls = slot(ws, l)
+    i0 = first(cols) - 1
     if ws.memory === :recompute  # the forward pass's product and activation, again
-        mul_tall!(view(ws.S, :, cols, 1), view(ws.Wt, :, :, l), Zl)
-        activate!(ws.S, derivative_from_value(σ) ? nothing : ws.D, 1, b, l, σ, cols)
+        Wl = view(ws.Wt, :, :, l)
+        if derivative_from_value(σ)
+            mul_tall!(view(ws.S, :, cols, 1), Wl, Zl, (i1, i2) -> activate!(ws.S, nothing, 1, b, l, σ, (i0 + i1):(i0 + i2)))
+        else
+            mul_tall!(view(ws.S, :, cols, 1), Wl, Zl, (i1, i2) -> activate!(ws.S, ws.D, 1, b, l, σ, (i0 + i1):(i0 + i2)))
+        end
     end
     Sl = view(ws.S, :, cols, ls)
-    Tm = view(ws.Tm, :, cols)
-    mul_tall!(Tm, view(ws.Ut, :, :, l), P)
+    C = size(ws.Tm, 2) ÷ ntasks(ws)
+    tcols = (C * (j - 1) + 1):(C * (j - 1) + length(cols))
+    Tm = view(ws.Tm, :, tcols)
+    mul_outer!(view(ws.gUp, :, :, k, pb), Sl, P)  # (Σ_i p sᵀ)ᵀ, see Workspace
+    zero_sums!(ws.gbp, k, pb)
+    t0 = first(tcols) - 1
     if derivative_from_value(σ)
-        scale_and_sum!(ws.Tm, ws.S, ls, ws.gbp, k, pb, σ, cols)
+        mul_tall!(Tm, view(ws.Ut, :, :, l), P,
+                  (i1, i2) -> scale_and_sum!(ws.Tm, (t0 + i1):(t0 + i2), ws.S, ls, ws.gbp, k, pb, σ, (i0 + i1):(i0 + i2)))
     else
-        scale_and_sum!(ws.Tm, ws.D, ls, ws.gbp, k, pb, nothing, cols)
+        mul_tall!(Tm, view(ws.Ut, :, :, l), P,
+                  (i1, i2) -> scale_and_sum!(ws.Tm, (t0 + i1):(t0 + i2), ws.D, ls, ws.gbp, k, pb, nothing, (i0 + i1):(i0 + i2)))
     end
     mul_short!(view(ws.Pn, :, cols), view(ws.Wt, :, :, l), Tm, one(T), zero(T))
-    mul_outer!(view(ws.gUp, :, :, k, pb), Sl, P)  # (Σ_i p sᵀ)ᵀ, see Workspace
     mul_outer!(view(ws.gWp, :, :, k, pb), Tm, Zl)
     return nothing
 end
 
-# Tm .*= σ′ on the chunk's columns (σ′ = D, or from S = σ) and g[:, k, pb] = its row sums.
-# (Linear indices and `ivdep`: distinct arrays, so that the loops vectorise.)
-function scale_and_sum!(Tm::Matrix{T}, D::Array{T,3}, ls, g, k, pb, ::Nothing, cols) where {T}
-    M = size(Tm, 1)
+# g[:, k, pb] = 0, for the row sums of `scale_and_sum!`.
+function zero_sums!(g::Array{T,3}, k, pb) where {T}
+    M = size(g, 1)
     og = M * ((pb - 1) * size(g, 2) + k - 1)
     @inbounds for m in 1:M
         g[og + m] = zero(T)
     end
-    @inbounds for i in cols
-        o = M * (i - 1)
+    return nothing
+end
+
+# Tm[:, tcols] .*= σ′ of the samples `cols` (σ′ = D, or from S = σ) and g[:, k, pb] += its
+# row sums, sample after sample. (Linear indices and `ivdep`: distinct arrays, so that the
+# loops vectorise.)
+function scale_and_sum!(Tm::Matrix{T}, tcols, D::Array{T,3}, ls, g, k, pb, ::Nothing, cols) where {T}
+    M = size(Tm, 1)
+    og = M * ((pb - 1) * size(g, 2) + k - 1)
+    @inbounds for (it, i) in zip(tcols, cols)
+        o = M * (it - 1)
         od = M * ((ls - 1) * size(D, 2) + i - 1)
         @simd ivdep for m in 1:M
             t = Tm[o + m] * D[od + m]
@@ -285,14 +311,11 @@ function scale_and_sum!(Tm::Matrix{T}, D::Array{T,3}, ls, g, k, pb, ::Nothing, c
     return nothing
 end
 
-function scale_and_sum!(Tm::Matrix{T}, S::Array{T,3}, ls, g, k, pb, σ::Activation, cols) where {T}
+function scale_and_sum!(Tm::Matrix{T}, tcols, S::Array{T,3}, ls, g, k, pb, σ::Activation, cols) where {T}
     M = size(Tm, 1)
     og = M * ((pb - 1) * size(g, 2) + k - 1)
-    @inbounds for m in 1:M
-        g[og + m] = zero(T)
-    end
-    @inbounds for i in cols
-        o = M * (i - 1)
+    @inbounds for (it, i) in zip(tcols, cols)
+        o = M * (it - 1)
         os = M * ((ls - 1) * size(S, 2) + i - 1)
         @simd ivdep for m in 1:M
             t = Tm[o + m] * derivative_of_value(σ, S[os + m])

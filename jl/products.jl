@@ -40,11 +40,11 @@ end
 # The 4 entries Z[j:j+3, i] (Z with d rows, linearly indexed).
 @inline col4(Z, d, j, i) = (o = d * (i - 1) + j; @inbounds (Z[o], Z[o + 1], Z[o + 2], Z[o + 3]))
 
-# The tiling of `mul_tall!` and `mul_outer!`: `tile!(i, j)` for every tile of samples i:i+3
-# and rows j:j+3, `row!(i, j)` for the rows left over (d not a multiple of 4), j in order
-# within each group of samples; returns the first sample left to the caller (C not a
-# multiple of 4).
-@inline function each_tile4(tile!, row!, C, d)
+# The tiling of `mul_tall!`: `tile!(i, j)` for every tile of samples i:i+3 and rows
+# j:j+3, `row!(i, j)` for the rows left over (d not a multiple of 4), j in order within
+# each group of samples, then `done!(i, i + 3)`; returns the first sample left to the
+# caller (C not a multiple of 4).
+@inline function each_tile4(tile!, row!, done!, C, d)
     i = 1
     while i + 3 <= C
         j = 1
@@ -55,29 +55,68 @@ end
         for jj in j:d
             row!(i, jj)
         end
+        done!(i, i + 3)
         i += 4
     end
     return i
 end
 
+# The tiles of `each_tile4` for `mul_outer!`, the groups of rows outermost: `tile!(i, j)`
+# for every group of samples i:i+3 in order, one group of rows j:j+3 after the other, then
+# `row!` likewise for each row left over. Each output element still gets its terms in
+# sample order, while the 4 rows' slice of the output stays in L1 cache across all the
+# chunk's samples: with the samples outermost the whole M × d output (64 KiB at M = 512,
+# d = 16) went to and from L2 once per group of samples.
+@inline function each_tile4_rows_outer(tile!, row!, C, d)
+    C4 = C - C % 4
+    j = 1
+    while j + 3 <= d
+        for i in 1:4:C4
+            tile!(i, j)
+        end
+        j += 4
+    end
+    for jj in j:d, i in 1:4:C4
+        row!(i, jj)
+    end
+    return C4 + 1
+end
+
 """
-    mul_tall!(Y, At, Z)
+    mul_tall!(Y, At, Z, done! = nothing)
 
 `Y = At Z`, i.e. `Y[:, i] = Σ_j At[:, j] Z[j, i]` (At: M × d; Y: M × C; Z: d × C), each
-element summed over j in order.
+element summed over j in order. `done!(i1, i2)`, if given, runs as soon as the columns
+`i1:i2` of Y are complete (groups of whole tiles of 4 samples, about `DONE_ELEMENTS`
+elements, then the samples left over one by one; in order), while they are in cache:
+the kernels apply the activation (forward pass) or σ′ (adjoint) there instead of in a
+pass of their own over the chunk.
 """
-function mul_tall!(Y, At, Z)
+function mul_tall!(Y, At, Z, done!::F = nothing) where {F}  # (F: specialise on done!, which is only passed on)
     M, d = size(At, 1), size(At, 2)
     C = size(Z, 2)
-    i = each_tile4((i, j) -> tall_tile!(Y, At, Z, M, d, i, j), (i, j) -> tall_row!(Y, At, Z, M, d, i, j), C, d)
-    @inbounds for ii in i:C, j in 1:d  # the last samples, one at a time
-        a, oy, oa = Z[d * (ii - 1) + j], M * (ii - 1), M * (j - 1)
-        @simd ivdep for m in 1:M
-            Y[oy + m] = j == 1 ? At[oa + m] * a : muladd(At[oa + m], a, Y[oy + m])
+    g = 4 * cld(DONE_ELEMENTS, 4 * M)
+    i = each_tile4((i, j) -> tall_tile!(Y, At, Z, M, d, i, j), (i, j) -> tall_row!(Y, At, Z, M, d, i, j),
+                   (i1, i2) -> i2 % g == 0 ? after!(done!, i2 - g + 1, i2) : nothing, C, d)
+    i > g * div(i - 1, g) + 1 && after!(done!, g * div(i - 1, g) + 1, i - 1)
+    for ii in i:C  # the last samples, one at a time
+        @inbounds for j in 1:d
+            a, oy, oa = Z[d * (ii - 1) + j], M * (ii - 1), M * (j - 1)
+            @simd ivdep for m in 1:M
+                Y[oy + m] = j == 1 ? At[oa + m] * a : muladd(At[oa + m], a, Y[oy + m])
+            end
         end
+        after!(done!, ii, ii)
     end
     return Y
 end
+
+# `mul_tall!` calls `done!` on groups of samples of about this many elements (whole groups
+# of 4 samples): the activation's flat loop needs some length to run at full rate.
+const DONE_ELEMENTS = 2048
+
+@inline after!(::Nothing, i1, i2) = nothing
+@inline after!(done!, i1, i2) = done!(i1, i2)
 
 # Y[:, i:i+3] (+)= At[:, j:j+3] Z[j:j+3, i:i+3] (= when j == 1).
 function tall_tile!(Y, At, Z, M, d, i, j)
@@ -125,20 +164,19 @@ rows at a time (8 sums in one pass over m).
 function mul_short!(Y, At, X, α, β)
     M, d = size(At, 1), size(At, 2)
     C = size(X, 2)
-    i = 1
-    while i + 1 <= C
-        j = 1
-        while j + 3 <= d
+    C2 = C - C % 2
+    j = 1
+    while j + 3 <= d  # rows outermost: At's 4 columns stay in L1 cache
+        for i in 1:2:C2
             short_tile!(Y, At, X, α, β, M, d, i, j)
-            j += 4
         end
-        for jj in j:d, ii in i:(i + 1)
-            short_one!(Y, At, X, α, β, M, d, ii, jj)
-        end
-        i += 2
+        j += 4
     end
-    for ii in i:C, j in 1:d
-        short_one!(Y, At, X, α, β, M, d, ii, j)
+    for jj in j:d, ii in 1:C2
+        short_one!(Y, At, X, α, β, M, d, ii, jj)
+    end
+    for ii in (C2 + 1):C, jj in 1:d
+        short_one!(Y, At, X, α, β, M, d, ii, jj)
     end
     return Y
 end
@@ -190,7 +228,7 @@ function mul_outer!(G, X, Z)
     M, d = size(X, 1), size(Z, 1)
     C = size(X, 2)
     fill!(G, zero(eltype(G)))
-    i = each_tile4((i, j) -> outer_tile!(G, X, Z, M, d, i, j), (i, j) -> outer_row!(G, X, Z, M, d, i, j), C, d)
+    i = each_tile4_rows_outer((i, j) -> outer_tile!(G, X, Z, M, d, i, j), (i, j) -> outer_row!(G, X, Z, M, d, i, j), C, d)
     @inbounds for ii in i:C, j in 1:d
         axpy_at!(G, M * (j - 1), Z[d * (ii - 1) + j], X, M * (ii - 1), M)
     end

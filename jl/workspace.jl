@@ -15,7 +15,8 @@ Buffers for one problem size and element type, allocated once and reused by
   thread and every sum is taken in chunk order. `threaded = false` (the default for
   other array types) selects the generic path: whole-layer `mul!` and broadcasting.
 
-Also held: the adjoint `P (d, N)` and its update `Pn`, the scratch `Tm (M, N)`, the
+Also held: the adjoint `P (d, N)` and its update `Pn`, the scratch `Tm` (`(M, N)`; on
+the chunked path one chunk's `(M, C)` per task, `ntasks`), the
 residual `r (N,)`, the gradient `gU, gW (d, M, L)`, `gb (M, L)`, and per-chunk partial
 gradients (two layers' worth) for the chunked path, `gUp`, `gWp` transposed `(M, d, nchunks,
 2)`, and the layers' weights transposed, `Ut, Wt (M, d, L)`, for the chunked path's own
@@ -76,13 +77,17 @@ function Workspace(U::AbstractArray{T,3}, X::AbstractMatrix{T}; threaded::Bool =
     C = chunk_size(N, M, d)
     chunks = [i:min(i + C - 1, N) for i in 1:C:N]
     nch = threaded ? length(chunks) : 0
+    ntm = threaded ? C * min(Threads.nthreads(), nch) : N
     return Workspace(similar(U, d, N, L + 1), similar(U, M, N, Ls), similar(U, 0, 0, 0),
-                     similar(U, threaded ? 0 : M, threaded ? 0 : N), similar(U, M, N),
+                     similar(U, threaded ? 0 : M, threaded ? 0 : N), similar(U, M, ntm),
                      similar(U, d, N), similar(U, d, N), similar(U, N), similar(U), similar(U), similar(U, M, L),
                      chunks, Array{T}(undef, M, d, nch, 2), Array{T}(undef, M, d, nch, 2), Array{T}(undef, M, nch, 2),
                      similar(U, Tuple{T,T}, 0, 0), Array{T}(undef, M, d, threaded ? L : 0),
                      Array{T}(undef, M, d, threaded ? L : 0), threaded, memory, 0)
 end
+
+# The most tasks a chunked region runs (`in_parallel`), each with its block of `ws.Tm`.
+ntasks(ws::Workspace) = min(Threads.nthreads(), length(ws.chunks))
 
 """
     fits(ws, U, X, memory = :store) -> Bool
