@@ -244,8 +244,8 @@ end
 # (U·p_{l+1}), Pn = W T, and the chunk's sums Σ_i p sᵀ, Σ_i z Tᵀ, Σ_i T. T goes to task
 # j's own chunk-sized block of Tm, which stays in cache from one chunk to the next; the
 # sum Σ_i p sᵀ runs first, so that the layer's stored S, which it reads from memory, is
-# still in cache when σ′ is taken from it, as `mul_tall!` completes each group of T's
-# columns.
+# still in cache when σ′ is taken from it (activations with σ′ a function of σ), as
+# `mul_tall!` completes each group of T's columns.
 function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, j, cprev) where {T}
     cols = ws.chunks[k]
     pb = buffer_of(l)
@@ -265,7 +265,8 @@ function adjoint_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, l, k, j, cpre
         end
     end
     Sl = view(ws.S, :, cols, ls)
-    C = size(ws.Tm, 2) ÷ ntasks(ws)
+    C = length(ws.chunks[1])
+    C * j <= size(ws.Tm, 2) || error("task $j has no block of Tm (the thread count changed since the Workspace was made)")
     tcols = (C * (j - 1) + 1):(C * (j - 1) + length(cols))
     Tm = view(ws.Tm, :, tcols)
     mul_outer!(view(ws.gUp, :, :, k, pb), Sl, P)  # (Σ_i p sᵀ)ᵀ, see Workspace

@@ -16,7 +16,8 @@ Buffers for one problem size and element type, allocated once and reused by
   other array types) selects the generic path: whole-layer `mul!` and broadcasting.
 
 Also held: the adjoint `P (d, N)` and its update `Pn`, the scratch `Tm` (`(M, N)`; on
-the chunked path one chunk's `(M, C)` per task, `ntasks`), the
+the chunked path one chunk's `(M, C)` for each task a region can run, min(threads,
+chunks)), the
 residual `r (N,)`, the gradient `gU, gW (d, M, L)`, `gb (M, L)`, and per-chunk partial
 gradients (two layers' worth) for the chunked path, `gUp`, `gWp` transposed `(M, d, nchunks,
 2)`, and the layers' weights transposed, `Ut, Wt (M, d, L)`, for the chunked path's own
@@ -85,9 +86,6 @@ function Workspace(U::AbstractArray{T,3}, X::AbstractMatrix{T}; threaded::Bool =
                      similar(U, Tuple{T,T}, 0, 0), Array{T}(undef, M, d, threaded ? L : 0),
                      Array{T}(undef, M, d, threaded ? L : 0), threaded, memory, 0)
 end
-
-# The most tasks a chunked region runs (`in_parallel`), each with its block of `ws.Tm`.
-ntasks(ws::Workspace) = min(Threads.nthreads(), length(ws.chunks))
 
 """
     fits(ws, U, X, memory = :store) -> Bool

@@ -327,7 +327,7 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         println("thread-count check: $(Threads.nthreads()) threads vs $other, $ndiff arrays differ in any bit")
     end
 
-    @testset "chunk products = in-order scalar loops and BLAS (M=$M, d=$d, C=$C)" for M in (1, 5, 33, 64),
+    @testset "chunk products = in-order scalar loops and BLAS (M=$M, d=$d, C=$C)" for M in (1, 5, 33, 64, 600),
                                                                                      d in (1, 3, 4, 5, 6, 16),
                                                                                      C in (1, 3, 7, 8, 63)
         rng = MersenneTwister(M + 100d + 10000C)
@@ -336,6 +336,10 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         Y, G = MFRes.mul_tall!(zeros(M, C), At, Z), MFRes.mul_outer!(fill(NaN, M, d), X, Z)
         @test Y == inorder_product(At, Z)
         @test G == inorder_product(X, permutedims(Z))  # mul_outer!'s first term, muladd(x, z, 0), is x z too
+        # done!(i1, i2): every column once, in order, each call on columns already complete
+        calls, complete, Yd = UnitRange{Int}[], Ref(true), zeros(M, C)
+        MFRes.mul_tall!(Yd, At, Z, (i1, i2) -> (push!(calls, i1:i2); complete[] &= Yd[:, i1:i2] == Y[:, i1:i2]))
+        @test reduce(vcat, collect.(calls)) == 1:C && complete[] && Yd == Y
         # Y = β Y + α Atᵀ X: the sums over m vectorised, so equal to rounding
         Y0 = randn(rng, d, C)
         tol = 16 * M * eps() * (norm(At) * norm(X) + norm(Y0))
