@@ -49,10 +49,11 @@ end
 
 # S[:, i, ls] = σ(S[:, i, ls] + b[:, l]) (S holds W_lᵀ z on entry) and D = σ′ likewise,
 # for the samples `cols` (the kernels call it on each group of samples as `mul_tall!`
-# completes it, see `DONE_ELEMENTS`); D === nothing: the value only. The bias is added in a pass of its own,
-# so that σ runs as one flat loop over the samples' contiguous block of S: LLVM
-# interleaves a flat loop's iterations and hides the latency of σ's long dependency
-# chain, which it does not do for a loop nested in the sample loop (measured 1.3-1.6x).
+# completes it, see `DONE_ELEMENTS`); D === nothing: the value only. The bias is added
+# in a pass of its own, so that σ runs as one flat loop over the samples' contiguous
+# block of S: LLVM interleaves a flat loop's iterations and hides the latency of σ's long
+# dependency chain, which it does not do for a loop nested in the sample loop (measured
+# 1.3-1.6x).
 # (`ivdep`: S, D and b are distinct arrays, which lets the loops vectorise.)
 function activate!(S::Array{T,3}, D::Array{T,3}, ls, b, l, σ::Activation, cols) where {T}
     @inbounds @simd ivdep for k in add_bias!(S, ls, b, l, cols)
@@ -127,11 +128,11 @@ forward_chunk!(ws::Workspace, U, W, b, σ::Activation, cols) =
 function forward_chunk!(ws::Workspace{T}, U, W, b, σ::Activation, cols, D) where {T}
     M, L = size(U, 2), size(U, 3)
     c = T(1 / (L * M))  # h/M
+    i0 = first(cols) - 1
     for l in 1:L
         ls = slot(ws, l)
         Zl = view(ws.Z, :, cols, l)
         Sl = view(ws.S, :, cols, ls)
-        i0 = first(cols) - 1
         mul_tall!(Sl, view(ws.Wt, :, :, l), Zl, (i1, i2) -> activate!(ws.S, D, ls, b, l, σ, (i0 + i1):(i0 + i2)))
         Zn = view(ws.Z, :, cols, l + 1)
         copyto!(Zn, Zl)

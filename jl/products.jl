@@ -40,13 +40,11 @@ end
 # The 4 entries Z[j:j+3, i] (Z with d rows, linearly indexed).
 @inline col4(Z, d, j, i) = (o = d * (i - 1) + j; @inbounds (Z[o], Z[o + 1], Z[o + 2], Z[o + 3]))
 
-# The tiling of `mul_tall!`: `tile!(i, j)` for every tile of samples i:i+3 and rows
-# j:j+3, `row!(i, j)` for the rows left over (d not a multiple of 4), j in order within
-# each group of samples, then `done!(i, i + 3)`; returns the first sample left to the
-# caller (C not a multiple of 4).
-@inline function each_tile4(tile!, row!, done!, C, d)
-    i = 1
-    while i + 3 <= C
+# The tiling of `mul_tall!` over the samples i1:i2 (a multiple of 4 of them): `tile!(i, j)`
+# for every tile of samples i:i+3 and rows j:j+3, then `row!(i, j)` for the rows left over
+# (d not a multiple of 4), j in order within each group of samples.
+@inline function each_tile4(tile!, row!, i1, i2, d)
+    for i in i1:4:(i2 - 3)
         j = 1
         while j + 3 <= d
             tile!(i, j)
@@ -55,13 +53,11 @@ end
         for jj in j:d
             row!(i, jj)
         end
-        done!(i, i + 3)
-        i += 4
     end
-    return i
+    return nothing
 end
 
-# The tiles of `each_tile4` for `mul_outer!`, the groups of rows outermost: `tile!(i, j)`
+# The tiles of `each_tile4` (all of 1:C) for `mul_outer!`, the groups of rows outermost: `tile!(i, j)`
 # for every group of samples i:i+3 in order, one group of rows j:j+3 after the other, then
 # `row!` likewise for each row left over. Each output element still gets its terms in
 # sample order, while the 4 rows' slice of the output stays in L1 cache across all the
@@ -88,20 +84,22 @@ end
 
 `Y = At Z`, i.e. `Y[:, i] = Σ_j At[:, j] Z[j, i]` (At: M × d; Y: M × C; Z: d × C), each
 element summed over j in order. `done!(i1, i2)`, if given, runs as soon as the columns
-`i1:i2` of Y are complete (groups of whole tiles of 4 samples, of at least
-`DONE_ELEMENTS` elements but for the last, then the samples left over one by one; in
-order), while they are in cache:
-the kernels apply the activation (forward pass) or σ′ (adjoint) there instead of in a
-pass of their own over the chunk.
+`i1:i2` of Y are complete, in order: groups of whole tiles of 4 samples, each of at least
+`DONE_ELEMENTS` elements but the last, then the samples left over one by one. The
+kernels apply the activation (forward pass) or σ′ (adjoint) there, on columns still in
+cache, instead of in a pass of their own over the chunk.
 """
 function mul_tall!(Y, At, Z, done!::F = nothing) where {F}  # (F: specialise on done!, which is only passed on)
     M, d = size(At, 1), size(At, 2)
     C = size(Z, 2)
-    g = 4 * cld(DONE_ELEMENTS, 4 * max(M, 1))
-    i = each_tile4((i, j) -> tall_tile!(Y, At, Z, M, d, i, j), (i, j) -> tall_row!(Y, At, Z, M, d, i, j),
-                   (i1, i2) -> i2 % g == 0 ? after!(done!, i2 - g + 1, i2) : nothing, C, d)
-    i > g * div(i - 1, g) + 1 && after!(done!, g * div(i - 1, g) + 1, i - 1)
-    for ii in i:C  # the last samples, one at a time
+    C4 = C - C % 4
+    g = 4 * cld(DONE_ELEMENTS, 4 * max(M, 1))  # samples per group
+    for i1 in 1:g:C4
+        i2 = min(i1 + g - 1, C4)
+        each_tile4((i, j) -> tall_tile!(Y, At, Z, M, d, i, j), (i, j) -> tall_row!(Y, At, Z, M, d, i, j), i1, i2, d)
+        after!(done!, i1, i2)
+    end
+    for ii in (C4 + 1):C  # the last samples, one at a time
         @inbounds for j in 1:d
             a, oy, oa = Z[d * (ii - 1) + j], M * (ii - 1), M * (j - 1)
             @simd ivdep for m in 1:M
@@ -113,8 +111,8 @@ function mul_tall!(Y, At, Z, done!::F = nothing) where {F}  # (F: specialise on 
     return Y
 end
 
-# `mul_tall!` calls `done!` on groups of samples of about this many elements (whole groups
-# of 4 samples): the activation's flat loop needs some length to run at full rate.
+# `mul_tall!` calls `done!` on groups of samples of at least this many elements (whole
+# tiles of 4 samples): the activation's flat loop needs some length to run at full rate.
 const DONE_ELEMENTS = 2048
 
 @inline after!(::Nothing, i1, i2) = nothing
