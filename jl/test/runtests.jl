@@ -85,6 +85,28 @@ end
 
 relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
 
+# `mul_short!`'s Atᵀ X in lanes, in the order its docstring gives: per element,
+# 8 partial sums (terms m ≡ k mod 8 of the first M − M % 8), a fixed tree, then the last terms.
+function lanes_product(At, X)
+    M = size(At, 1)
+    M8 = M - M % 8
+    Y = zeros(size(At, 2), size(X, 2))
+    for i in axes(X, 2), j in axes(At, 2)
+        s = zeros(8)
+        for m in 1:M8
+            k = (m - 1) % 8 + 1
+            s[k] = muladd(At[m, j], X[m, i], s[k])
+        end
+        t = ((s[1] + s[5]) + (s[3] + s[7])) + ((s[2] + s[6]) + (s[4] + s[8]))
+        for m in (M8 + 1):M
+            t = muladd(At[m, j], X[m, i], t)
+        end
+        Y[j, i] = t
+    end
+    return Y
+end
+
+
 @testset "MFRes kernels" begin
     @testset "gradient = central finite differences ($act)" for act in ACTS
         rng = MersenneTwister(1)
@@ -327,7 +349,7 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         println("thread-count check: $(Threads.nthreads()) threads vs $other, $ndiff arrays differ in any bit")
     end
 
-    @testset "chunk products = in-order scalar loops and BLAS (M=$M, d=$d, C=$C)" for M in (1, 5, 33, 64, 600),
+    @testset "chunk products = in-order scalar loops and BLAS (M=$M, d=$d, C=$C)" for M in (1, 5, 33, 47, 64, 600),
                                                                                      d in (1, 3, 4, 5, 6, 16),
                                                                                      C in (1, 3, 7, 8, 63)
         rng = MersenneTwister(M + 100d + 10000C)
@@ -345,6 +367,11 @@ relerr(x, y) = norm(x .- y) / max(norm(y), eps(Float64))
         tol = 16 * M * eps() * (norm(At) * norm(X) + norm(Y0))
         @test norm(MFRes.mul_short!(copy(Y0), At, X, 0.7, -0.3) - (-0.3 .* Y0 .+ 0.7 .* (At' * X))) <= tol
         @test norm(MFRes.mul_short!(fill(NaN, d, C), At, X, 0.7, 0.0) - 0.7 .* (At' * X)) <= tol
+        # ... and in lanes (taken from LANES_MIN_M on, with AVX-512) in the documented order, bit
+        # for bit, whether an element comes from a tile of 2 × 4 or alone
+        lanes = MFRes.short_tiles!(MFRes.short_tile!, MFRes.short_one!, fill(NaN, d, C), At, X, 0.7, 0.0)
+        @test lanes == 0.7 .* lanes_product(At, X)
+        MFRes.WIDE_VECTORS && M >= MFRes.LANES_MIN_M && @test MFRes.mul_short!(fill(NaN, d, C), At, X, 0.7, 0.0) == lanes
     end
 
     @testset "bridge entry points" begin
