@@ -9,9 +9,10 @@
 # of 1. Against one sample at a time that gave 1.5–2.1× the rate at the chunk shapes of
 # the benchmark sizes (AMD EPYC Zen 4, haswell code, benchmarks/julia_products.jl). They
 # need the layer's weights as M × d matrices (`transpose_layers!`). Each output element
-# is summed in a fixed order that depends on the shapes only, so the results do not
-# depend on the thread count; `mul_tall!` and `mul_outer!` add their terms one at a time
-# in index order, as a scalar loop would.
+# is summed in a fixed order that depends on the shapes and, for `mul_short!`, on whether
+# Julia's code has 512-bit vectors (`WIDE_VECTORS`), never on the thread count;
+# `mul_tall!` and `mul_outer!` add their terms one at a time in index order, as a scalar
+# loop would.
 
 """
     transpose_layers!(At, A)
@@ -197,18 +198,20 @@ const LANES_MIN_M = 32
 
 # ... and only where Julia's code has 512-bit vectors (AVX-512). With 256-bit ones (-C
 # haswell) a tile's 8 vectors of partial sums took more registers than there are, and the
-# step ran 0.95× as fast at the large size. From the CPU Julia compiles for: its -C option,
-# else this CPU (`Sys.CPU_NAME`); an unknown name keeps the `@simd` loop.
-const AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
+# step ran 0.95× as fast at the large size. From the CPU Julia compiles for: its -C option
+# (a name, with +avx512f or -avx512f heeded), else this CPU (`Sys.CPU_NAME`); an unknown
+# name keeps the `@simd` loop. A wrong guess costs speed only: both forms are exact to
+# their documented order.
+const AVX512_CPUS = ("skylake-avx512", "skx", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
                      "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
-                     "graniterapids", "graniterapids-d", "diamondrapids", "znver4", "znver5")
+                     "graniterapids", "graniterapids-d", "diamondrapids", "znver4", "znver5", "x86-64-v4")
 
 function wide_vectors()
     opt = Base.JLOptions().cpu_target
     target = opt == C_NULL ? "native" : unsafe_string(opt)
     words = split(split(target, ';')[1], ',')  # the first target: a CPU, then ±features
     cpu = words[1] == "native" ? Sys.CPU_NAME : words[1]
-    return cpu in AVX512_CPUS && !("-avx512f" in words)
+    return (cpu in AVX512_CPUS || "+avx512f" in words) && !("-avx512f" in words)
 end
 
 const WIDE_VECTORS = wide_vectors()
