@@ -4,11 +4,14 @@
 # iterations: too short to fill the vector units, with a reduction at the end of each.
 # Here K nets (a lane block) are laid out with the net index first, `U, W :: (K, d, M, L)`,
 # `b :: (K, M, L)`, and every loop runs over the K nets innermost, K a compile-time
-# constant. Each net's sums run in a fixed order (none is split across lanes), and the
-# products with θ use plain `*` and `+`: LLVM fuses `muladd` differently in differently
-# shaped loops, which would make a lane's bits depend on the code around it. So a net's numbers do
-# not depend on its block, its lane or the thread count; they agree with a run of its own
-# (the chunked kernels, whose sums over particles are split by SIMD and BLAS) to rounding.
+# constant. Each net's sums run in a fixed order (none is split across lanes), and each of
+# their terms is added by `fma` (one rounding, in every loop shape; `muladd` is fused or
+# not as LLVM sees fit in each loop, which would make a lane's bits depend on the code
+# around it; a multiply and an add, as before, took 1.09x the time of a block's step). So
+# a net's numbers do not depend on its block, its lane or the thread count; they agree
+# with a run of its own (the chunked kernels, whose sums over particles are split by SIMD
+# and BLAS) to rounding. (On a CPU without FMA, Julia's `fma` is a correct but slow
+# routine: the same numbers.)
 
 """
     LANES
@@ -103,7 +106,7 @@ const TILE = 4
         @simd ivdep for r in 1:K
             s = A[om + r] * X[ox + r]
             for j in 2:D
-                s = A[om + K * (j - 1) + r] * X[ox + K * (j - 1) + r] + s
+                s = fma(A[om + K * (j - 1) + r], X[ox + K * (j - 1) + r], s)
             end
             Y[oy + K * (m - 1) + r] = s
         end
@@ -126,7 +129,7 @@ end
             for j in 2:D
                 w = A[om + K * (j - 1) + r]
                 q = ox + K * (j - 1) + r
-                s1, s2, s3, s4 = w * X[q] + s1, w * X[q + kd] + s2, w * X[q + 2kd] + s3, w * X[q + 3kd] + s4
+                s1, s2, s3, s4 = fma(w, X[q], s1), fma(w, X[q + kd], s2), fma(w, X[q + 2kd], s3), fma(w, X[q + 3kd], s4)
             end
             sink(m, r, s1, s2, s3, s4)
         end
@@ -193,7 +196,7 @@ end
                 for j in 1:D
                     o = om + K * (j - 1) + r
                     c = oc + K * (j - 1) + r
-                    acc[c] = A[o + 3kd] * s4 + (A[o + 2kd] * s3 + (A[o + kd] * s2 + (A[o] * s1 + acc[c])))
+                    acc[c] = fma(A[o + 3kd], s4, fma(A[o + 2kd], s3, fma(A[o + kd], s2, fma(A[o], s1, acc[c]))))
                 end
             end
             m += 4
@@ -204,7 +207,7 @@ end
                 s = Y[oy + K * (m - 1) + r]
                 for j in 1:D
                     c = oc + K * (j - 1) + r
-                    acc[c] = A[om + K * (j - 1) + r] * s + acc[c]
+                    acc[c] = fma(A[om + K * (j - 1) + r], s, acc[c])
                 end
             end
             m += 1
@@ -243,10 +246,10 @@ end
                     q = om + K * (j - 1) + r
                     w1, w2 = A[q], A[q + kd]
                     g = oc + K * (j - 1) + r
-                    acc[g] = w2 * a2 + (w1 * a1 + acc[g])
-                    acc[g + kd] = w2 * b2 + (w1 * b1 + acc[g + kd])
-                    acc[g + 2kd] = w2 * c2 + (w1 * c1 + acc[g + 2kd])
-                    acc[g + 3kd] = w2 * d2 + (w1 * d1 + acc[g + 3kd])
+                    acc[g] = fma(w2, a2, fma(w1, a1, acc[g]))
+                    acc[g + kd] = fma(w2, b2, fma(w1, b1, acc[g + kd]))
+                    acc[g + 2kd] = fma(w2, c2, fma(w1, c1, acc[g + 2kd]))
+                    acc[g + 3kd] = fma(w2, d2, fma(w1, d1, acc[g + 3kd]))
                 end
             end
             m += 2
@@ -259,10 +262,10 @@ end
                 for j in 1:D
                     w = A[om + K * (j - 1) + r]
                     g = oc + K * (j - 1) + r
-                    acc[g] = w * y1 + acc[g]
-                    acc[g + kd] = w * y2 + acc[g + kd]
-                    acc[g + 2kd] = w * y3 + acc[g + 2kd]
-                    acc[g + 3kd] = w * y4 + acc[g + 3kd]
+                    acc[g] = fma(w, y1, acc[g])
+                    acc[g + kd] = fma(w, y2, acc[g + kd])
+                    acc[g + 2kd] = fma(w, y3, acc[g + 2kd])
+                    acc[g + 3kd] = fma(w, y4, acc[g + 3kd])
                 end
             end
             m += 1
@@ -384,7 +387,7 @@ function batch_loss!(ws::BatchWorkspace{T,K}, y, a, weight_decay) where {T,K}
         end
         for j in 2:d
             @simd ivdep for r in 1:K
-                az[r, i] = muladd(Z[r, j, i, L + 1], a[j], az[r, i])
+                az[r, i] = fma(Z[r, j, i, L + 1], a[j], az[r, i])
             end
         end
         @simd ivdep for r in 1:K
@@ -431,7 +434,7 @@ end
             y = Y[oy + K * (m - 1) + r]
             for j in 1:D
                 o = om + K * (j - 1) + r
-                G[o] = X[ox + K * (j - 1) + r] * y + G[o]
+                G[o] = fma(X[ox + K * (j - 1) + r], y, G[o])
             end
         end
     end
@@ -454,8 +457,8 @@ end
                 q = ox + K * (j - 1) + r
                 x1, x2, x3, x4 = X[q], X[q + kd], X[q + 2kd], X[q + 3kd]
                 g = om + K * (j - 1) + r
-                G[g] = x4 * y4 + (x3 * y3 + (x2 * y2 + (x1 * y1 + G[g])))
-                G[g + kd] = x4 * v4 + (x3 * v3 + (x2 * v2 + (x1 * v1 + G[g + kd])))
+                G[g] = fma(x4, y4, fma(x3, y3, fma(x2, y2, fma(x1, y1, G[g]))))
+                G[g + kd] = fma(x4, v4, fma(x3, v3, fma(x2, v2, fma(x1, v1, G[g + kd]))))
             end
         end
         m += 2
@@ -468,7 +471,7 @@ end
             for j in 1:D
                 g = om + K * (j - 1) + r
                 q = ox + K * (j - 1) + r
-                G[g] = X[q + 3kd] * y4 + (X[q + 2kd] * y3 + (X[q + kd] * y2 + (X[q] * y1 + G[g])))
+                G[g] = fma(X[q + 3kd], y4, fma(X[q + 2kd], y3, fma(X[q + kd], y2, fma(X[q], y1, G[g]))))
             end
         end
     end
