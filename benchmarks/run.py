@@ -153,6 +153,13 @@ def flops_per_step(L: int, M: int, d: int, N: int) -> float:
     return 12.0 * N * M * d * L
 
 
+def limit_parts(size: str, dgemm_gflops: float, act_sec: float) -> tuple[float, float]:
+    """Goal 2's machine limit of a step at ``size``, in seconds: the step's flops at the dgemm
+    rate, and its N·M·L activations at ``act_sec`` each."""
+    L, M, d, N = SIZES[size]
+    return flops_per_step(L, M, d, N) / (dgemm_gflops * 1e9), N * M * L * act_sec
+
+
 # --- through the product ----------------------------------------------------------------------
 
 
@@ -229,6 +236,9 @@ def peer_pairs(size: str, repeats: int) -> dict:
     return out
 
 
+LIMIT_STEP_REPEATS = 3  # timings of the step in each pair of limit_pairs (their median)
+
+
 def limit_pairs(julia: str, size: str, repeats: int, steps: int) -> list[dict]:
     """Goal 2, ``repeats`` times in turn: the dgemm rate (this process, NumPy's BLAS), the Julia
     kernels' activation rate and their step at ``size`` (fresh processes), back to back, so each
@@ -238,8 +248,8 @@ def limit_pairs(julia: str, size: str, repeats: int, steps: int) -> list[dict]:
     for _ in range(repeats):
         peak = matmul_peak("float64")
         act = julia_activation_rate(julia, THREADS, N * M)
-        step = julia_run(julia, THREADS, size, "float64", steps, 3)
-        out.append({"dgemm_gflops": peak, "act_sec": act, "sec_per_step": get({"s": step}, "s")})
+        step = julia_run(julia, THREADS, size, "float64", steps, LIMIT_STEP_REPEATS)
+        out.append({"dgemm_gflops": peak, "act_sec": act, "sec_per_step": step and step["sec_per_step"]})
     return out
 
 
@@ -634,15 +644,13 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
 
     # goal 2
     big = sizes[-1]
-    L, M, d, N = SIZES[big]
     rb = by.get((big, "float64"), {})
     jl2 = get(rb, "julia2")
     act = res.get("julia_act")
     limit = None
     lines += ["", f"## The Julia step against the machine limit ({big} size, float64)", ""]
     if jl2 and act:
-        t_flops = flops_per_step(L, M, d, N) / (peaks["float64"] * 1e9)
-        t_act = N * M * L * act
+        t_flops, t_act = limit_parts(big, peaks["float64"], act)
         limit = t_flops + t_act
         lines += [f"Limit = 12·N·M·d·L flops at the measured dgemm rate ({fmt_ms(t_flops)} ms) + N·M·L "
                   f"activations at the Julia kernels' own rate of {act * 1e9:.2f} ns per element on {THREADS} "
@@ -655,12 +663,12 @@ def write_results(path: str, res: dict, sizes: list[str]) -> None:
     if lpairs:
         lines += ["", "The same, measured in turn (this machine's speed drifts between minutes, and the "
                   "dgemm rate above was taken at the start of the run): each row the dgemm rate, the "
-                  "activation rate and the step (median of 3) back to back.", "",
+                  f"activation rate and the step (median of {LIMIT_STEP_REPEATS}) back to back.", "",
                   "| pair | dgemm GFLOP/s | ns per activation | limit ms | step ms | step / limit |",
                   "|---|---|---|---|---|---|"]
         ratios = []
         for i, p in enumerate(lpairs, 1):
-            lim = flops_per_step(L, M, d, N) / (p["dgemm_gflops"] * 1e9) + N * M * L * p["act_sec"]
+            lim = sum(limit_parts(big, p["dgemm_gflops"], p["act_sec"]))
             ratios.append(p["sec_per_step"] / lim)
             lines.append(f"| {i} | {p['dgemm_gflops']:.1f} | {p['act_sec'] * 1e9:.2f} | {fmt_ms(lim)} | "
                          f"{fmt_ms(p['sec_per_step'])} | {ratios[-1]:.2f}× |")
