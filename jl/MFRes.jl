@@ -13,6 +13,7 @@ Uses Base and the standard library only, and runs on Julia 1.5 and ≥ 1.10.
 module MFRes
 
 using LinearAlgebra
+using Libdl
 using Random
 
 export loss_and_grad, loss_and_grad!, gd!, Workspace, activation, loss

@@ -36,7 +36,6 @@ include(joinpath(@__DIR__, "MFRes.jl"))
 module Server
 
 using LinearAlgebra
-using Libdl
 using Mmap
 import ..MFRes
 
@@ -230,22 +229,6 @@ end
 const HANDLERS = Dict{String,Function}("layout" => layout, "advance" => advance, "gradient" => gradient,
                                        "warmup" => warmup, "device" => device)
 
-# The OpenBLAS kernel set in use ("Haswell", "Prescott", ...), or "unknown": Julia 1.5
-# calls OpenBLAS directly, later versions through libblastrampoline.
-function blas_core()
-    names = String[Base.libblas_name]
-    if isdefined(LinearAlgebra.BLAS, :get_config)
-        append!(names, [lib.libname for lib in Base.invokelatest(LinearAlgebra.BLAS.get_config).loaded_libs])
-    end
-    for name in names, sym in (:openblas_get_corename64_, :openblas_get_corename)
-        handle = Libdl.dlopen(name, throw_error = false)
-        handle === nothing && continue
-        f = Libdl.dlsym(handle, sym, throw_error = false)
-        f === nothing || return unsafe_string(ccall(f, Cstring, ()))
-    end
-    return "unknown"
-end
-
 # The code generator's target: the -C option given ("haswell", ...), or "native".
 function cpu_target()
     target = Base.JLOptions().cpu_target
@@ -260,7 +243,7 @@ function respond(out::IO, line::AbstractString)
 end
 
 function serve(input::IO = stdin, out::IO = stdout)
-    respond(out, "ready $(VERSION) $(Threads.nthreads()) $(blas_core()) $(cpu_target())")
+    respond(out, "ready $(VERSION) $(Threads.nthreads()) $(MFRes.blas_core()) $(cpu_target())")
     while !eof(input)
         words = split(readline(input))
         isempty(words) && continue

@@ -123,3 +123,24 @@ function serial_blas!()
     IN_BATCH[] || BLAS.set_num_threads(1)
     return nothing
 end
+
+"""
+    blas_core() -> String
+
+The OpenBLAS kernel set in use ("Haswell", "SkylakeX", "Prescott", ...), or "unknown".
+Julia 1.5 calls OpenBLAS directly, later versions through libblastrampoline.
+"""
+function blas_core()
+    names = String[Base.libblas_name]
+    if isdefined(LinearAlgebra.BLAS, :get_config)
+        append!(names, [lib.libname for lib in Base.invokelatest(LinearAlgebra.BLAS.get_config).loaded_libs])
+    end
+    for name in names, sym in (:openblas_get_corename64_, :openblas_get_corename)
+        handle = Libdl.dlopen(name, throw_error = false)
+        handle === nothing && continue
+        f = Libdl.dlsym(handle, sym, throw_error = false)
+        # the name is a static string in OpenBLAS: the pointer stays valid
+        f === nothing || return Base.unsafe_string(ccall(f, Cstring, ()))
+    end
+    return "unknown"
+end
