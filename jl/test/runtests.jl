@@ -374,6 +374,11 @@ end
         MFRes.WIDE_VECTORS && M >= MFRes.LANES_MIN_M && @test MFRes.mul_short!(fill(NaN, d, C), At, X, 0.7, 0.0) == lanes
     end
 
+    @testset "transpose_layers! = permutedims (d=$d, M=$M)" for d in (1, 4, 16), M in (1, 63, 64, 65, 130)
+        A = randn(MersenneTwister(d + 1000M), d, M, 3)
+        @test MFRes.transpose_layers!(fill(NaN, M, d, 3), A) == permutedims(A, (2, 1, 3))
+    end
+
     @testset "bridge entry points" begin
         rng = MersenneTwister(9)
         U, W, b, X, y, a = random_problem(rng, 3, 8, 4, 10)
