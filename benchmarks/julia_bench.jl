@@ -1,15 +1,16 @@
 # Seconds per GD step of the MFRes kernels, run by benchmarks/run.py as
 #   julia -t T --project=. benchmarks/julia_bench.jl L M d N dtype steps repeats [memory]
-# (memory: store, the default, or recompute), and the machine limit of a step as
+# (memory: store, the default, or recompute). Standalone (run.py computes goal 2 itself,
+# from NumPy's dgemm rate and julia_act_rate.jl), the machine limit of a step as
 #   julia -t T --project=. benchmarks/julia_bench.jl limit L M d N steps repeats [GFLOPS]
-# which prints the dgemm rate (Julia's BLAS on T threads, Float64, or GFLOPS if given:
-# benchmarks/run.py uses NumPy's), the OpenBLAS kernel set that rate came from, the
-# activation's per-element time (the kernels' tanh, value and derivative, on T threads),
-# the limit 12·N·M·d·L / dgemm + N·M·L · t_act, the step's minimum and median and their
-# ratio. Start Julia with OPENBLAS_CORETYPE as mfres does (SkylakeX or Haswell, see the
-# README): an OpenBLAS older than the CPU takes slow kernels and the limit comes out too high
-# (Julia 1.5.3's took "Prescott" on an Intel Xeon model 207: 19 GFLOP/s on 2 threads, 151
-# with SkylakeX).
+# which prints the dgemm rate (Julia's BLAS on T threads, Float64; or GFLOPS if given, e.g.
+# NumPy's rate, as run.py uses), the OpenBLAS kernel set of Julia's BLAS, the activation's
+# per-element time (the kernels' tanh, value and derivative, on T threads), the limit
+# 12·N·M·d·L / dgemm + N·M·L · t_act, the step's minimum and median and their ratio.
+# Start Julia with OPENBLAS_CORETYPE as mfres does (SkylakeX or Haswell, see the README):
+# otherwise an OpenBLAS older than the CPU takes slow kernels, the printed kernel set says
+# so, and a measured dgemm rate and the limit are off (Julia 1.5.3's OpenBLAS took an Intel
+# Xeon model 207 for a "Prescott": 18.7-21.7 GFLOP/s on 2 threads, 150.8 with SkylakeX).
 # Prints one line: "median_seconds_per_step min_seconds_per_step loss_first loss_last
 # rss_bytes kept_bytes": the resident memory after the timed steps above the baseline
 # taken once the code is compiled (on a tiny problem) and the inputs exist, and the
@@ -117,7 +118,7 @@ function limit(args)
     repeats = parse(Int, args[6])
     nt = Threads.nthreads()
     gflops = length(args) >= 7 ? parse(Float64, args[7]) : dgemm_rate(nt)
-    blas = length(args) >= 7 ? "given" : MFRes.blas_core()
+    dgemm_from = length(args) >= 7 ? "given" : "julia"
     tact = activation_time()
     lim = 12 * N * M * d * L / (gflops * 1e9) + N * M * L * tact
     U, W, b, X, y, a = problem(Float64, L, M, d, N)
@@ -131,7 +132,7 @@ function limit(args)
         push!(times, t / nsteps)
     end
     sort!(times)
-    println("threads=$nt L=$L M=$M d=$d N=$N dgemm_gflops=$(round(gflops, digits = 1)) blas=$blas ",
+    println("threads=$nt L=$L M=$M d=$d N=$N dgemm_gflops=$(round(gflops, digits = 1)) dgemm_from=$dgemm_from blas=$(MFRes.blas_core()) ",
             "act_ns=$(round(tact * 1e9, digits = 3)) limit_ms=$(round(lim * 1e3, digits = 3)) ",
             "step_min_ms=$(round(times[1] * 1e3, digits = 3)) step_median_ms=$(round(times[(end + 1) ÷ 2] * 1e3, digits = 3)) ",
             "min_over_limit=$(round(times[1] / lim, digits = 2))")

@@ -18,10 +18,8 @@
     transpose_layers!(At, A)
 
 `At[:, :, l] = A[:, :, l]ᵀ` for every layer: `(d, M, L)` into `(M, d, L)`, in blocks of
-64 particles (a block's rows of `At` are written in runs of 64, its columns of `A` stay in
-L1 cache): at the large size (16, 512, 64) 0.42 ms against 2.09 with the particles in the
-middle loop, which wrote `At` with a stride of M at every element; no slower at the
-smaller sizes.
+64 particles, so that `At` is written in contiguous runs while the block's columns of `A`
+stay in L1 cache.
 """
 function transpose_layers!(At::AbstractArray{T,3}, A::AbstractArray{T,3}) where {T}
     d, M, L = size(A)

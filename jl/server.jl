@@ -35,7 +35,6 @@ include(joinpath(@__DIR__, "MFRes.jl"))
 
 module Server
 
-using LinearAlgebra
 using Mmap
 import ..MFRes
 
