@@ -117,8 +117,9 @@ function limit(args)
     nsteps = parse(Int, args[5])
     repeats = parse(Int, args[6])
     nt = Threads.nthreads()
-    gflops = length(args) >= 7 ? parse(Float64, args[7]) : dgemm_rate(nt)
-    dgemm_from = length(args) >= 7 ? "given" : "julia"
+    given = length(args) >= 7
+    gflops = given ? parse(Float64, args[7]) : dgemm_rate(nt)
+    dgemm_from = given ? "given" : "julia"
     tact = activation_time()
     lim = 12 * N * M * d * L / (gflops * 1e9) + N * M * L * tact
     U, W, b, X, y, a = problem(Float64, L, M, d, N)

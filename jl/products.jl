@@ -208,10 +208,18 @@ const AVX512_CPUS = ("skylake-avx512", "skx", "cascadelake", "cooperlake", "cann
                      "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
                      "graniterapids", "graniterapids-d", "diamondrapids", "znver4", "znver5", "x86-64-v4")
 
-function wide_vectors()
+"""
+    cpu_target() -> String
+
+The code generator's target: Julia's -C option as given ("haswell", ...), or "native".
+"""
+function cpu_target()
     opt = Base.JLOptions().cpu_target
-    target = opt == C_NULL ? "native" : unsafe_string(opt)
-    words = split(split(target, ';')[1], ',')  # the first target: a CPU, then ±features
+    return opt == C_NULL ? "native" : unsafe_string(opt)
+end
+
+function wide_vectors()
+    words = split(split(cpu_target(), ';')[1], ',')  # the first target: a CPU, then ±features
     cpu = words[1] == "native" ? Sys.CPU_NAME : words[1]
     return (cpu in AVX512_CPUS || "+avx512f" in words) && !("-avx512f" in words)
 end

@@ -228,12 +228,6 @@ end
 const HANDLERS = Dict{String,Function}("layout" => layout, "advance" => advance, "gradient" => gradient,
                                        "warmup" => warmup, "device" => device)
 
-# The code generator's target: the -C option given ("haswell", ...), or "native".
-function cpu_target()
-    target = Base.JLOptions().cpu_target
-    return target == C_NULL ? "native" : unsafe_string(target)
-end
-
 one_line(s) = replace(strip(s), r"\s*\n\s*" => " | ")
 
 function respond(out::IO, line::AbstractString)
@@ -242,7 +236,7 @@ function respond(out::IO, line::AbstractString)
 end
 
 function serve(input::IO = stdin, out::IO = stdout)
-    respond(out, "ready $(VERSION) $(Threads.nthreads()) $(MFRes.blas_core()) $(cpu_target())")
+    respond(out, "ready $(VERSION) $(Threads.nthreads()) $(MFRes.blas_core()) $(MFRes.cpu_target())")
     while !eof(input)
         words = split(readline(input))
         isempty(words) && continue
